@@ -1,0 +1,26 @@
+"""Validation loss and token error of a language model over a fixed set of batches."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate_lm(logits_fn: Logits, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Token-weighted mean cross-entropy (nats) and token error (1 - next-token accuracy).
+
+    Also returns the sums, so that ranks can add them up before dividing.
+    """
+    loss_sum, errors, tokens = 0.0, 0, 0
+    for x, y in batches:
+        logits = logits_fn(x).float()
+        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        errors += (logits.argmax(-1) != y).sum().item()
+        tokens += y.numel()
+    return {"loss": loss_sum / tokens, "token_error": errors / tokens,
+            "loss_sum": loss_sum, "errors": errors, "tokens": tokens}
