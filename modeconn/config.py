@@ -52,8 +52,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r}: {value!r} fits none of {', '.join(map(_type_name, rest))}")
     if origin is Literal:
         choices = list(args)
-        if value in choices:
-            return value
+        for choice in choices:  # a CLI "2" selects the choice 2
+            if value == choice or (from_cli and value == str(choice)):
+                return choice
         raise ConfigError(f"config key {key!r}: {value!r} is not a valid choice; valid choices: "
                           f"{', '.join(map(str, choices))}")
     if dataclasses.is_dataclass(tp):
@@ -123,8 +124,8 @@ def build(cls: type[T], raw: Any, prefix: str = "") -> T:
     for key in raw:
         if key not in valid:
             near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {where}{near[0]!r}?)" if near else ""
-            raise ConfigError(f"unknown config key {where}{key!r}{hint}; valid keys under "
+            hint = f" (did you mean '{where}{near[0]}'?)" if near else ""
+            raise ConfigError(f"unknown config key '{where}{key}'{hint}; valid keys under "
                               f"{prefix or 'the top level'}: {', '.join(valid)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}{k}") for k, v in raw.items()}
     try:
@@ -183,7 +184,7 @@ def load(cls: type[T], config_path: Optional[str] = None, overrides: Sequence[tu
     try:
         return build(cls, raw)
     except ConfigError as e:
-        origin = f" (config file {config_path} and command line)" if config_path else ""
+        origin = f" (in config file {config_path} or the command line)" if config_path else ""
         raise ConfigError(f"{e}{origin}") from None
 
 
