@@ -1,0 +1,1 @@
+"""Token data: tokenizer, corpus sources, binary shards, the prepare command, the loader."""
