@@ -120,14 +120,14 @@ def build(cls: type[T], raw: Any, prefix: str = "") -> T:
         raw = {**cls.preset_values(raw["preset"]), **raw}
 
     hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    by_key = {config_key(f): f.name for f in dataclasses.fields(cls) if f.init}
     for key in raw:
-        if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
+        if key not in by_key:
+            near = difflib.get_close_matches(str(key), list(by_key), n=1)
             hint = f" (did you mean '{where}{near[0]}'?)" if near else ""
             raise ConfigError(f"unknown config key '{where}{key}'{hint}; valid keys under "
-                              f"{prefix or 'the top level'}: {', '.join(valid)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}{k}") for k, v in raw.items()}
+                              f"{prefix or 'the top level'}: {', '.join(by_key)}")
+    kwargs = {by_key[k]: _coerce(v, hints[by_key[k]], f"{where}{k}") for k, v in raw.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a field without a default was not given
@@ -203,8 +203,20 @@ def _all_defaults(cls) -> bool:
                for f in dataclasses.fields(cls))
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def config_key(f: dataclasses.Field) -> str:
+    """The key a field has in YAML: its name, or `metadata["key"]` where the name is a Python
+    keyword (e.g. `init.from`)."""
+    return f.metadata.get("key", f.name)
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {config_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 def dump(cfg: Any) -> str:

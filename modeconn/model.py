@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from modeconn.errors import ConfigError
 
@@ -150,6 +151,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.checkpoint_blocks = False  # activation checkpointing: recompute each block in backward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -175,7 +177,7 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
         # Padding rows exist only to make the matmul fast; they are never a prediction.
         logits = logits[..., : self.config.vocab_size]

@@ -1,0 +1,136 @@
+"""Consolidated exports of a DeepSpeed-trained model, at any ZeRO stage.
+
+An export is a Hugging Face GPT-2 directory (`modeconn.hf.save_hf`: model.safetensors +
+config.json) with our metadata (`modeconn_meta.json`: optimizer, seeds, step, val loss, ...), and
+optionally `trainer_state/`: the full fp32 optimizer state per parameter name and the position of
+the data loader. Nothing in it depends on the number of ranks, so a run can resume from an export
+at another world size.
+
+Full tensors are assembled with DeepSpeed's fragment helpers (`safe_get_full_fp32_param`,
+`safe_get_full_optimizer_state`), which are collective: every rank calls these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param,
+                             safe_get_full_optimizer_state, safe_set_full_optimizer_state)
+from safetensors.torch import load_file, save_file
+
+from modeconn.atomic import atomic_write_text
+from modeconn.distributed import World, barrier
+from modeconn.errors import CheckpointError
+from modeconn.hf import save_hf
+from modeconn.model import ModelConfig
+from modeconn.optim.roles import parameter_roles
+
+TRAINER_STATE = "trainer_state"
+
+
+def _client_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer holding the state: ZeRO and bf16 wrappers keep it as `.optimizer`."""
+    opt = engine.optimizer
+    return opt.optimizer if hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer) else opt
+
+
+def _link_state_fragments(engine) -> None:
+    """Point every parameter's ZeRO fragment at its slice of the optimizer state.
+
+    The ZeRO-1/2 and bf16 wrappers link the state once, right after stepping the first parameter
+    group, when the other groups have no state yet; their parameters stay unlinked (DeepSpeed
+    0.19.8). Linking again, with DeepSpeed's own function, is idempotent and covers every group.
+    """
+    opt, state = engine.optimizer, _client_optimizer(engine).state
+    pairs = []
+    if hasattr(opt, "bit16_groups") and hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        pairs = zip(opt.bit16_groups, opt.single_partition_of_fp32_groups)
+    elif hasattr(opt, "bf16_groups") and hasattr(opt, "fp32_groups_flat_partition"):  # bf16 at ZeRO-0
+        pairs = zip(opt.bf16_groups, opt.fp32_groups_flat_partition)
+    for lp_params, flat_hp in pairs:
+        if flat_hp in state:
+            lazy_init_hp_params_optimizer_state(lp_params, flat_hp, state)
+
+
+def _ensure_state(engine, keys: tuple[str, ...], step: int) -> None:
+    """Create zero optimizer state where there is none yet (before the first step), so that a
+    resumed run can overwrite it; `step` feeds AdamW's bias correction."""
+    opt = _client_optimizer(engine)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            for key in keys:
+                state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+            if "exp_avg_sq" in keys:  # AdamW
+                state["step"] = torch.tensor(float(step))
+
+
+def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
+    full = safe_get_full_fp32_param(p)
+    return (full if full is not None else p.detach()).float().cpu()
+
+
+def _full_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    full = safe_get_full_optimizer_state(p, key)
+    if full is None:  # ZeRO-0 fp32: the client optimizer holds state per parameter
+        full = _client_optimizer(engine).state[p][key]
+    return full.float().cpu()
+
+
+def gather_weights(model) -> dict[str, torch.Tensor]:
+    """Full fp32 weights by our parameter names (a tied weight once). Collective; every rank gets them."""
+    return {name: _full_param(p) for name, p, _ in parameter_roles(model)}
+
+
+def gather_optimizer_state(engine, model, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    _link_state_fragments(engine)
+    return {f"{name}::{key}": _full_state(engine, p, key) for name, p, _ in parameter_roles(model) for key in keys}
+
+
+def export(engine, model, model_cfg: ModelConfig, out: Path, world: World, metadata: dict,
+           optimizer_keys: Optional[tuple[str, ...]] = None, trainer_state: Optional[dict] = None,
+           overwrite: bool = False) -> Path:
+    """Collective. Rank 0 writes `out` (atomically); with `optimizer_keys`, also trainer_state/."""
+    weights = gather_weights(model)
+    optim = gather_optimizer_state(engine, model, optimizer_keys) if optimizer_keys else None
+    if world.is_main:
+        state = dict(weights)
+        if model_cfg.tie_embeddings:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        save_hf(state, model_cfg, out, metadata=metadata, overwrite=overwrite)
+        if optim is not None:
+            # Written after the HF part; `trainer_state/state.json` last, so its presence means complete.
+            (out / TRAINER_STATE).mkdir()
+            save_file(optim, str(out / TRAINER_STATE / "optimizer.safetensors"))
+            atomic_write_text(out / TRAINER_STATE / "state.json", json.dumps(trainer_state or {}, indent=2))
+    barrier()
+    return out
+
+
+def read_trainer_state(export_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    state_file = Path(export_dir) / TRAINER_STATE / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{export_dir} has no {TRAINER_STATE}/state.json: it is a weights-only export. "
+                              f"Use it with init.from (fresh optimizer), or export with checkpoint.export_optimizer")
+    return json.loads(state_file.read_text()), load_file(str(Path(export_dir) / TRAINER_STATE / "optimizer.safetensors"))
+
+
+def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys: tuple[str, ...], step: int,
+                         source: str) -> None:
+    """Set full per-parameter optimizer state (as written by `export`) into the engine's optimizer."""
+    opt = _client_optimizer(engine)
+    _ensure_state(engine, keys, step)
+    _link_state_fragments(engine)
+    for name, p, _ in parameter_roles(model):
+        for key in keys:
+            full_key = f"{name}::{key}"
+            if full_key not in tensors:
+                raise CheckpointError(f"{source}: optimizer state has no tensor {full_key!r}")
+            value = tensors[full_key].to(p.device)
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                safe_set_full_optimizer_state(p, value, key)
+            else:
+                opt.state[p][key] = value.clone()

@@ -1,0 +1,72 @@
+"""Run metrics: a console line, `metrics.jsonl` (one JSON object per event), and wandb. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from modeconn.atomic import atomic_write_text
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "modeconn"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None  # default: the name of out_dir
+    tags: list[str] = field(default_factory=list)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, wandb_cfg: WandbConfig, config: dict, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        self._drop_rows_after(resume_step)
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            id_file = Path(out_dir) / "wandb_run_id"  # a resumed run continues the same wandb run
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            atomic_write_text(id_file, run_id)
+            self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, id=run_id, resume="allow",
+                                    name=wandb_cfg.run_name or Path(out_dir).resolve().name, tags=wandb_cfg.tags,
+                                    config=config, mode=wandb_cfg.mode, dir=str(out_dir))
+
+    def _drop_rows_after(self, step: int) -> None:
+        """On resume, rows logged after the checkpoint by the killed run would repeat: drop them."""
+        if not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        if len(keep) != len(rows):
+            atomic_write_text(self.path, "".join(r + "\n" for r in keep))
+
+    def log(self, kind: str, step: int, values: dict, console: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if console:
+            print(console, flush=True)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+

@@ -1,0 +1,431 @@
+"""Train a GPT-2 under DeepSpeed ZeRO (stages 0-3), on one CPU or many GPUs.
+
+    python train.py --config configs/train/tiny-adamw.yaml                  # one process
+    deepspeed --num_gpus 2 train.py --config configs/train/tiny-adamw.yaml  # or torchrun, SLURM: see launch/
+    python train.py --config ... --resume=auto                              # continue the latest checkpoint
+
+The trainer composes the components: model (modeconn.model), data (modeconn.data.loader),
+optimizer (modeconn.optim), schedule, DeepSpeed engine, checkpoints, exports and metrics. Read
+`Trainer.fit` top to bottom for the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from modeconn import config as config_lib
+from modeconn.checkpoint import COMPLETE, Checkpointer, tag_for
+from modeconn.config import DataConfig, SeedConfig
+from modeconn.data.loader import TokenWindows, TrainLoader, ValidationSet
+from modeconn.distributed import World, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
+from modeconn.errors import CheckpointError, ConfigError, ModeconnError
+from modeconn.export import TRAINER_STATE, export, load_optimizer_state, read_trainer_state
+from modeconn.hf import load_hf
+from modeconn.logger import MetricsLogger, WandbConfig, format_duration
+from modeconn.model import GPT, ModelConfig
+from modeconn.optim import STATE_KEYS, OptimConfig, build_optimizer
+from modeconn.schedule import ScheduleConfig, lr_multiplier
+
+
+@dataclass
+class InitConfig:
+    # An export or HF GPT-2 directory: start from its weights with a fresh optimizer (branching).
+    from_: Optional[str] = field(default=None, metadata={"key": "from"})
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 200  # optimizer steps
+    micro_batch: int = 8  # windows per rank per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    log_every: int = 10
+    eval_every: int = 50  # 0: evaluate only at the end
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile through DeepSpeed (GPU)
+    peak_tflops: Optional[float] = None  # per device, for MFU; default: known bf16 peak of the GPU
+
+    def __post_init__(self):
+        if min(self.steps, self.micro_batch, self.grad_accum, self.log_every) < 1 or self.eval_every < 0:
+            raise ConfigError("train.steps, micro_batch, grad_accum, log_every must be >= 1; eval_every >= 0")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Raw DeepSpeed config keys, merged last (e.g. {zero_optimization: {overlap_comm: true}}).
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # DeepSpeed checkpoint every N steps (and always at the end and on SIGTERM/SIGUSR1)
+    keep_last: int = 2
+    export_every: int = 0  # safetensors export to exports/step_N every M steps; the final one always
+    export_optimizer: bool = True  # put the world-size-independent optimizer state into the final export
+
+    def __post_init__(self):
+        if self.every < 0 or self.export_every < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.every and export_every must be >= 0, keep_last >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("tiny"))
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: SeedConfig = field(default_factory=SeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    out_dir: str = "out/train"
+    # none: a new run (refuses an out_dir that holds one); auto: the latest complete checkpoint in
+    # out_dir if any; or a path: a checkpoint (out_dir/checkpoints/step_N) or an export with trainer state.
+    resume: str = "none"
+
+
+# Keys of the DeepSpeed config that the trainer owns: the data loader and the loop depend on them.
+_OWNED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    for key in _OWNED_DS_KEYS:
+        if key in cfg.deepspeed.overrides:
+            raise ConfigError(f"deepspeed.overrides.{key}: set train.micro_batch and train.grad_accum instead")
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our optimizers are plain torch optimizers
+        "steps_per_print": 2 ** 62,  # we log ourselves
+    }
+    return _deep_merge(ds, cfg.deepspeed.overrides)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# bf16 dense peak per device, for MFU when train.peak_tflops is not given.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, world: World):
+        self.cfg, self.world = cfg, world
+        self.out = Path(cfg.out_dir)
+        self.stop_signal: Optional[str] = None
+        self._grad_norm: Optional[float] = None
+        self.step, self.tokens = 0, 0
+        resume = self._resume_plan()
+
+        # Model: fresh from seed.init, or weights of an export (init.from, or an export to resume from).
+        weights_from = resume[1] if resume[0] == "export" else cfg.init.from_
+        if weights_from:
+            model_cfg, weights = load_hf(Path(weights_from))
+            cfg.model = model_cfg
+        torch.manual_seed(cfg.seed.init)
+        self.model = GPT(cfg.model)
+        if weights_from:
+            self.model.load_state_dict(weights)
+        self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        # Randomness during training (dropout) is per rank, from seed.data; the init is seed.init alone.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed.data, world.rank]).generate_state(1)[0]))
+
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=build_optimizer(self.model, cfg.optim),
+            config=deepspeed_config(cfg, world.world_size))
+        if cfg.train.compile:
+            self.engine.compile()
+
+        block = cfg.model.block_size
+        self.loader = TrainLoader(TokenWindows(Path(cfg.data.dir), "train", block), cfg.train.micro_batch,
+                                  seed=cfg.seed.data, rank=world.rank, world_size=world.world_size)
+        self.val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", block), cfg.data.val_windows or None)
+        self.checkpointer = Checkpointer(self.engine, self.out / "checkpoints", world, cfg.checkpoint.keep_last)
+        self._restore(resume)
+        if world.is_main:
+            self._save_config()
+        self.logger = MetricsLogger(self.out, cfg.wandb, config_lib.to_dict(cfg), world.is_main, self.step)
+        self.tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world.world_size * block
+
+    # --- starting and resuming ------------------------------------------------------------------
+
+    def _resume_plan(self) -> tuple[str, Optional[str]]:
+        """("fresh", None), ("checkpoint", tag dir) or ("export", export dir)."""
+        cfg, ckpt_root = self.cfg, self.out / "checkpoints"
+        if cfg.resume == "none":
+            if (ckpt_root / "latest").is_file() or (self.out / "final").exists():
+                raise ModeconnError(f"{self.out} already holds a run; continue it with --resume=auto, or choose "
+                                    f"another out_dir (nothing there is overwritten)")
+            return "fresh", None
+        if cfg.resume == "auto":
+            if not (ckpt_root / "latest").is_file():
+                return "fresh", None
+            tag = (ckpt_root / "latest").read_text().strip()
+            return "checkpoint", str(ckpt_root / tag)
+        path = Path(cfg.resume)
+        if (path / COMPLETE).is_file():
+            return "checkpoint", str(path)
+        if (path / TRAINER_STATE / "state.json").is_file():
+            return "export", str(path)
+        raise CheckpointError(f"--resume={cfg.resume}: neither a complete checkpoint (no {COMPLETE}) nor an export "
+                              f"with {TRAINER_STATE}/; use auto, none, out_dir/checkpoints/step_N or an export")
+
+    def _restore(self, resume: tuple[str, Optional[str]]) -> None:
+        kind, where = resume
+        if kind == "fresh":
+            self.checkpointer.remove_incomplete()
+            return
+        if kind == "checkpoint":
+            path = Path(where)
+            self.checkpointer.remove_incomplete()
+            client, loader_state = Checkpointer(self.engine, path.parent, self.world, self.cfg.checkpoint.keep_last
+                                                ).load(path.name)
+            saved_model = client["config"]["model"]
+            if saved_model != config_lib.to_dict(self.cfg.model):
+                diff = [k for k in saved_model if saved_model[k] != config_lib.to_dict(self.cfg.model).get(k)]
+                raise CheckpointError(f"{path} was trained with other model settings ({', '.join(diff)}); "
+                                      f"resume with the same model config")
+        else:
+            client, tensors = read_trainer_state(Path(where))
+            if client["optimizer"] != self.cfg.optim.name:
+                raise CheckpointError(f"{where} holds {client['optimizer']} state; this run uses {self.cfg.optim.name}")
+            load_optimizer_state(self.engine, self.model, tensors, STATE_KEYS[self.cfg.optim.name], client["step"],
+                                 str(where))
+            loader_state = client["loader"]
+        self.step, self.tokens = client["step"], client["tokens"]
+        self.loader.load_state_dict(loader_state)
+        if self.world.is_main:
+            print(f"resumed from {where} at step {self.step} ({self.tokens:,} tokens seen)", flush=True)
+
+    def _save_config(self) -> None:
+        path = self.out / "config.yaml"
+        text = config_lib.dump(self.cfg)
+        if path.is_file() and path.read_text() != text:  # a resume with changed settings keeps both
+            path = self.out / f"config.resumed-at-step{self.step}.yaml"
+        config_lib.save(self.cfg, path)
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, total = self.cfg, self.cfg.train.steps
+        self._install_signal_handlers()
+        if self.world.is_main:
+            self._print_start()
+        last_val: dict = {}
+        window_start, window_tokens = time.perf_counter(), 0
+        run_start, start_step = time.perf_counter(), self.step
+        last_log_step = self.step
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        self.engine.train()
+        while self.step < total:
+            if any_rank(self.stop_signal is not None, self.world.device):
+                return self._preempted(last_val)
+            lr_scale = lr_multiplier(cfg.schedule, self.step, total)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_scale
+            will_log = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == total
+            for _ in range(cfg.train.grad_accum):
+                x, y = self.loader.next_batch()
+                _, loss = self.engine(x.to(self.world.device), y.to(self.world.device))
+                self.engine.backward(loss)
+                if will_log and self.engine.is_gradient_accumulation_boundary():
+                    self._grad_norm = self._plain_grad_norm()
+                self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+                loss_sum += loss.detach().double().cpu()
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+
+            if self.step % cfg.train.log_every == 0 or self.step == total:
+                loss_total, = all_reduce_sum([loss_sum.item()], self.world.device)
+                micro_batches = self.world.world_size * cfg.train.grad_accum * (self.step - last_log_step)
+                train_loss = loss_total / micro_batches
+                if not math.isfinite(train_loss):
+                    raise ModeconnError(f"training loss is {train_loss} at step {self.step}; stopping without "
+                                        f"saving (the last checkpoint is intact). Lower optim.lr or check the data")
+                elapsed = time.perf_counter() - window_start
+                self._log_train(train_loss, lr_scale, window_tokens / elapsed, run_start, start_step)
+                loss_sum.zero_()
+                last_log_step = self.step
+                window_start, window_tokens = time.perf_counter(), 0
+
+            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or self.step == total:
+                last_val = self.evaluate()
+                self.logger.log("val", self.step, last_val, f"step {self.step:>6} | val loss {last_val['loss']:.4f} "
+                                f"| val token error {last_val['token_error']:.4f}")
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 or self.step == total:
+                self.save_checkpoint()
+            if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0 and self.step != total:
+                self.export(self.out / "exports" / tag_for(self.step), last_val, with_optimizer=False)
+        final = self.out / "final"
+        if not final.exists():
+            if not last_val:
+                last_val = self.evaluate()
+            self.export(final, last_val, with_optimizer=self.cfg.checkpoint.export_optimizer)
+        self.logger.close()
+        return {"status": "finished", "step": self.step, "val": last_val, "export": str(final)}
+
+    def _log_train(self, loss: float, lr_scale: float, tokens_per_s: float, run_start: float, start_step: int):
+        total = self.cfg.train.steps
+        values = {"loss": loss, "lr": self.cfg.optim.lr * lr_scale, "tokens": self.tokens,
+                  "tokens_per_s": tokens_per_s}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:  # ZeRO-0 fp32 with a client optimizer keeps no norm
+            grad_norm = self._grad_norm
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        mfu = self._mfu(tokens_per_s)
+        if mfu is not None:
+            values["mfu"] = mfu
+        rate = (self.step - start_step) / (time.perf_counter() - run_start)
+        line = (f"step {self.step:>6}/{total} | loss {loss:.4f} | lr {values['lr']:.2e}"
+                + (f" | grad norm {values['grad_norm']:.3f}" if "grad_norm" in values else "")
+                + f" | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                + f" | eta {format_duration((total - self.step) / max(rate, 1e-9))}")
+        self.logger.log("train", self.step, values, line)
+
+    def _mfu(self, tokens_per_s: float) -> Optional[float]:
+        if self.world.device.type != "cuda":
+            return None
+        peak = self.cfg.train.peak_tflops
+        if peak is None:
+            name = torch.cuda.get_device_name(self.world.device)
+            peak = next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+        if peak is None:
+            return None
+        m = self.cfg.model  # PaLM appendix B: 6N + 12 L d T flops per token for forward and backward
+        flops_per_token = 6 * self.model.num_parameters() + 12 * m.n_layer * m.n_embd * m.block_size
+        return tokens_per_s * flops_per_token / (peak * 1e12 * self.world.world_size)
+
+    def _plain_grad_norm(self) -> Optional[float]:
+        """Global gradient norm before clipping, where gradients are whole and already averaged
+        (ZeRO-0, after backward at the boundary); None elsewhere (DeepSpeed reports those)."""
+        if self.cfg.deepspeed.zero_stage != 0 or self.cfg.deepspeed.precision != "fp32":
+            return None
+        # float64 accumulation: an fp32 norm over millions of elements is off in the 5th digit
+        norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+                 for p in self.model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation over the fixed windows, split over ranks. Every rank runs the same number of
+        forward passes (ZeRO-3 gathers parameters collectively); padding batches are not counted."""
+        self.engine.eval()
+        bs, world = self.cfg.data.eval_batch_size, self.world.world_size
+        mine = list(self.val.batches(bs, self.world.rank, world))
+        n_batches = math.ceil(math.ceil(len(self.val) / world) / bs)
+        loss_sum, errors, tokens = 0.0, 0.0, 0.0
+        for i in range(n_batches):
+            x, y = mine[i] if i < len(mine) else mine[0]
+            logits, _ = self.engine(x.to(self.world.device))
+            if i >= len(mine):
+                continue
+            logits = logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(logits.device).flatten(),
+                                                          reduction="sum").item()
+            errors += (logits.argmax(-1).cpu() != y).sum().item()
+            tokens += y.numel()
+        loss_sum, errors, tokens = all_reduce_sum([loss_sum, errors, tokens], self.world.device)
+        self.engine.train()
+        return {"loss": loss_sum / tokens, "token_error": errors / tokens, "tokens": int(tokens)}
+
+    # --- checkpoints, exports, signals ----------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        start = time.perf_counter()
+        client = {"step": self.step, "tokens": self.tokens, "config": config_lib.to_dict(self.cfg)}
+        path = self.checkpointer.save(self.step, client, self.loader.state_dict())
+        self.logger.log("checkpoint", self.step, {"path": str(path), "seconds": time.perf_counter() - start},
+                        f"step {self.step:>6} | checkpoint {path} ({time.perf_counter() - start:.1f} s)")
+        return path
+
+    def export(self, out: Path, val: dict, with_optimizer: bool) -> Path:
+        start = time.perf_counter()
+        meta = {"optimizer": self.cfg.optim.name, "seed_init": self.cfg.seed.init, "seed_data": self.cfg.seed.data,
+                "step": self.step, "tokens": self.tokens, "val_loss": val.get("loss"),
+                "val_token_error": val.get("token_error"), "zero_stage": self.cfg.deepspeed.zero_stage,
+                "world_size": self.world.world_size, "config": config_lib.to_dict(self.cfg)}
+        keys = STATE_KEYS[self.cfg.optim.name] if with_optimizer else None
+        trainer_state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
+                         "optimizer": self.cfg.optim.name, "state_keys": list(keys or ())}
+        export(self.engine, self.model, self.cfg.model, out, self.world, meta, keys, trainer_state)
+        self.logger.log("export", self.step, {"path": str(out), "seconds": time.perf_counter() - start},
+                        f"step {self.step:>6} | export {out} ({time.perf_counter() - start:.1f} s)")
+        return out
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _preempted(self, last_val: dict) -> dict:
+        path = self.save_checkpoint()
+        if self.world.is_main:
+            print(f"received {self.stop_signal or 'a stop signal on another rank'}: saved {path}; "
+                  f"continue with --resume=auto", flush=True)
+        self.logger.close()
+        return {"status": "preempted", "step": self.step, "val": last_val, "checkpoint": str(path)}
+
+    def _print_start(self) -> None:
+        c, w = self.cfg, self.world
+        print(f"model: {c.model.n_layer} layers, d={c.model.n_embd}, {self.model.num_parameters() / 1e6:.2f}M "
+              f"parameters | optimizer {c.optim.name} lr {c.optim.lr} | ZeRO-{c.deepspeed.zero_stage} "
+              f"{c.deepspeed.precision} on {w.world_size} x {w.device.type} | global batch "
+              f"{c.train.micro_batch}x{c.train.grad_accum}x{w.world_size} windows of {c.model.block_size} tokens | "
+              f"steps {self.step}->{c.train.steps} | out {self.out}", flush=True)
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK anyway."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank="):
+            continue
+        elif a == "--local_rank":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def run(cfg: TrainConfig) -> dict:
+    world = init_distributed()
+    try:
+        result = Trainer(cfg, world).fit()
+        barrier()
+        return result
+    finally:
+        shutdown()
+
+
+def main(argv=None) -> None:
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
+    run(config_lib.from_cli(TrainConfig, argv, __doc__))
