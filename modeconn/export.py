@@ -55,17 +55,27 @@ def _link_state_fragments(engine) -> None:
             lazy_init_hp_params_optimizer_state(lp_params, flat_hp, state)
 
 
+def _stepped_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the torch optimizer updates, whose entries in `optimizer.state` hold its state:
+    ZeRO's flat fp32 partitions, or the parameters themselves at ZeRO-0 fp32."""
+    opt = engine.optimizer
+    for attr in ("single_partition_of_fp32_groups",  # ZeRO-1/2
+                 "fp32_partitioned_groups_flat",  # ZeRO-3 (its param_groups hold them only during step())
+                 "fp32_groups_flat_partition"):  # bf16 at ZeRO-0
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    return [p for group in _client_optimizer(engine).param_groups for p in group["params"]]
+
+
 def _ensure_state(engine, keys: tuple[str, ...], step: int) -> None:
     """Create zero optimizer state where there is none yet (before the first step), so that a
     resumed run can overwrite it; `step` feeds AdamW's bias correction."""
-    opt = _client_optimizer(engine)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state[p]
-            for key in keys:
-                state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
-            if "exp_avg_sq" in keys:  # AdamW
-                state["step"] = torch.tensor(float(step))
+    state = _client_optimizer(engine).state
+    for p in _stepped_tensors(engine):
+        for key in keys:
+            state[p].setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+        if "exp_avg_sq" in keys:  # AdamW
+            state[p]["step"] = torch.tensor(float(step))
 
 
 def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -130,7 +140,19 @@ def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys: 
             if full_key not in tensors:
                 raise CheckpointError(f"{source}: optimizer state has no tensor {full_key!r}")
             value = tensors[full_key].to(p.device)
-            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            if hasattr(p, "ds_id"):
+                _set_zero3_state(engine.optimizer, p, value, key)
+            elif hasattr(p, "_hp_mapping"):
                 safe_set_full_optimizer_state(p, value, key)
             else:
                 opt.state[p][key] = value.clone()
+
+
+def _set_zero3_state(zero3, p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of a full state tensor into ZeRO-3's partition. DeepSpeed's own setter
+    (0.19.8) reads past the end of the tensor on the last rank when the parameter does not divide
+    evenly over the ranks; here the last slice is cut at the end and its padding left alone."""
+    part, _ = zero3._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * zero3._get_param_partition_rank(p)
+    n = max(0, min(part.numel(), value.numel() - start))
+    part[:n].copy_(value.flatten()[start:start + n])

@@ -53,6 +53,9 @@ class LoopConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile through DeepSpeed (GPU)
     peak_tflops: Optional[float] = None  # per device, for MFU; default: known bf16 peak of the GPU
+    # Save a checkpoint and exit (status 0) after this step, e.g. to fit a time-limited allocation;
+    # the schedule still runs to `steps`, so --resume=auto continues as if never stopped.
+    stop_at_step: Optional[int] = None
 
     def __post_init__(self):
         if min(self.steps, self.micro_batch, self.grad_accum, self.log_every) < 1 or self.eval_every < 0:
@@ -73,6 +76,7 @@ class CheckpointConfig:
     keep_last: int = 2
     export_every: int = 0  # safetensors export to exports/step_N every M steps; the final one always
     export_optimizer: bool = True  # put the world-size-independent optimizer state into the final export
+    export_init: bool = False  # export the initial weights (exports/step_00000000): a common init is an endpoint too
 
     def __post_init__(self):
         if self.every < 0 or self.export_every < 0 or self.keep_last < 1:
@@ -240,9 +244,13 @@ class Trainer:
         last_log_step = self.step
         loss_sum = torch.zeros((), dtype=torch.float64)
         self.engine.train()
+        if cfg.checkpoint.export_init and self.step == 0:
+            self.export(self.out / "exports" / tag_for(0), {}, with_optimizer=False)
         while self.step < total:
             if any_rank(self.stop_signal is not None, self.world.device):
-                return self._preempted(last_val)
+                return self._stop(last_val, f"received {self.stop_signal or 'a stop signal on another rank'}")
+            if cfg.train.stop_at_step is not None and self.step >= cfg.train.stop_at_step:
+                return self._stop(last_val, f"reached train.stop_at_step={cfg.train.stop_at_step}")
             lr_scale = lr_multiplier(cfg.schedule, self.step, total)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_scale
@@ -384,13 +392,14 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
-    def _preempted(self, last_val: dict) -> dict:
-        path = self.save_checkpoint()
+    def _stop(self, last_val: dict, reason: str) -> dict:
+        latest = self.checkpointer.latest()
+        path = self.checkpointer.root / latest if latest == tag_for(self.step) else self.save_checkpoint()
         if self.world.is_main:
-            print(f"received {self.stop_signal or 'a stop signal on another rank'}: saved {path}; "
-                  f"continue with --resume=auto", flush=True)
+            print(f"{reason}: stopping at step {self.step} with checkpoint {path}; continue with --resume=auto",
+                  flush=True)
         self.logger.close()
-        return {"status": "preempted", "step": self.step, "val": last_val, "checkpoint": str(path)}
+        return {"status": "stopped", "step": self.step, "val": last_val, "checkpoint": str(path)}
 
     def _print_start(self) -> None:
         c, w = self.cfg, self.world
