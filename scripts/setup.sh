@@ -13,10 +13,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing dependencies into $VENV (about a minute the first time)"
+  echo "setup: installing dependencies into $VENV (about three minutes the first time)"
   pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
+  pip_install "setuptools>=70" wheel
   pip_install -r "$ROOT/requirements/test.txt"
   pip_install --no-deps -r "$ROOT/requirements/corpus.txt"
+  # Build DeepSpeed's CPU communication op now, not at run time (see requirements/deepspeed.txt).
+  DS_BUILD_SHM_COMM=1 pip_install --no-build-isolation --no-cache-dir -r "$ROOT/requirements/deepspeed.txt"
   pip_install --no-deps --no-build-isolation -e "$ROOT"
   echo "$want" > "$STAMP"
 fi
