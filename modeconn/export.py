@@ -21,10 +21,10 @@ from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_
                              safe_get_full_optimizer_state, safe_set_full_optimizer_state)
 from safetensors.torch import load_file, save_file
 
-from modeconn.atomic import atomic_write_text
+from modeconn.atomic import atomic_dir
 from modeconn.distributed import World, barrier
 from modeconn.errors import CheckpointError
-from modeconn.hf import save_hf
+from modeconn.hf import write_hf
 from modeconn.model import ModelConfig
 from modeconn.optim.roles import parameter_roles
 
@@ -110,12 +110,12 @@ def export(engine, model, model_cfg: ModelConfig, out: Path, world: World, metad
         state = dict(weights)
         if model_cfg.tie_embeddings:
             state["lm_head.weight"] = state["transformer.wte.weight"]
-        save_hf(state, model_cfg, out, metadata=metadata, overwrite=overwrite)
-        if optim is not None:
-            # Written after the HF part; `trainer_state/state.json` last, so its presence means complete.
-            (out / TRAINER_STATE).mkdir()
-            save_file(optim, str(out / TRAINER_STATE / "optimizer.safetensors"))
-            atomic_write_text(out / TRAINER_STATE / "state.json", json.dumps(trainer_state or {}, indent=2))
+        with atomic_dir(out, overwrite=overwrite) as tmp:  # a replaced export goes only once the new one is whole
+            write_hf(state, model_cfg, tmp, metadata)
+            if optim is not None:
+                (tmp / TRAINER_STATE).mkdir()
+                save_file(optim, str(tmp / TRAINER_STATE / "optimizer.safetensors"))
+                (tmp / TRAINER_STATE / "state.json").write_text(json.dumps(trainer_state or {}, indent=2))
     barrier()
     return out
 

@@ -173,15 +173,21 @@ def save_hf(model_or_state: Union[GPT, Mapping[str, torch.Tensor]], cfg: ModelCo
             metadata: Optional[Mapping[str, object]] = None, overwrite: bool = False) -> Path:
     """Write `out_dir/model.safetensors` + `config.json` atomically. `metadata` (JSON-able values)
     goes into the safetensors header and `modeconn_meta.json`."""
+    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        write_hf(model_or_state, cfg, tmp, metadata)
+    return Path(out_dir)
+
+
+def write_hf(model_or_state: Union[GPT, Mapping[str, torch.Tensor]], cfg: ModelConfig, directory: Path,
+             metadata: Optional[Mapping[str, object]] = None) -> None:
+    """The files of `save_hf`, written into an existing directory (the caller makes it atomic)."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     tensors = to_hf_state_dict(state, cfg)
     meta = {"format": "pt", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=meta)
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
-        if metadata:
-            (tmp / "modeconn_meta.json").write_text(json.dumps(dict(metadata), indent=2))
-    return Path(out_dir)
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata=meta)
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
+    if metadata:
+        (directory / "modeconn_meta.json").write_text(json.dumps(dict(metadata), indent=2))
 
 
 def safetensors_files(path: Path) -> list[Path]:

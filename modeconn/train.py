@@ -11,6 +11,7 @@ optimizer (modeconn.optim), schedule, DeepSpeed engine, checkpoints, exports and
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -289,10 +290,11 @@ class Trainer:
             if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0 and self.step != total:
                 self.export(self.out / "exports" / tag_for(self.step), last_val, with_optimizer=False)
         final = self.out / "final"
-        if not final.exists():
+        if exported_step(final) != self.step:  # absent, or from an earlier end (a run extended since)
             if not last_val:
                 last_val = self.evaluate()
-            self.export(final, last_val, with_optimizer=self.cfg.checkpoint.export_optimizer)
+            self.export(final, last_val, with_optimizer=self.cfg.checkpoint.export_optimizer,
+                        overwrite=final.exists())
         self.logger.close()
         return {"status": "finished", "step": self.step, "val": last_val, "export": str(final)}
 
@@ -371,7 +373,7 @@ class Trainer:
                         f"step {self.step:>6} | checkpoint {path} ({time.perf_counter() - start:.1f} s)")
         return path
 
-    def export(self, out: Path, val: dict, with_optimizer: bool) -> Path:
+    def export(self, out: Path, val: dict, with_optimizer: bool, overwrite: bool = False) -> Path:
         start = time.perf_counter()
         meta = {"optimizer": self.cfg.optim.name, "seed_init": self.cfg.seed.init, "seed_data": self.cfg.seed.data,
                 "step": self.step, "tokens": self.tokens, "val_loss": val.get("loss"),
@@ -380,7 +382,7 @@ class Trainer:
         keys = STATE_KEYS[self.cfg.optim.name] if with_optimizer else None
         trainer_state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                          "optimizer": self.cfg.optim.name, "state_keys": list(keys or ())}
-        export(self.engine, self.model, self.cfg.model, out, self.world, meta, keys, trainer_state)
+        export(self.engine, self.model, self.cfg.model, out, self.world, meta, keys, trainer_state, overwrite)
         self.logger.log("export", self.step, {"path": str(out), "seconds": time.perf_counter() - start},
                         f"step {self.step:>6} | export {out} ({time.perf_counter() - start:.1f} s)")
         return out
@@ -408,6 +410,11 @@ class Trainer:
               f"{c.deepspeed.precision} on {w.world_size} x {w.device.type} | global batch "
               f"{c.train.micro_batch}x{c.train.grad_accum}x{w.world_size} windows of {c.model.block_size} tokens | "
               f"steps {self.step}->{c.train.steps} | out {self.out}", flush=True)
+
+
+def exported_step(export_dir: Path) -> Optional[int]:
+    meta = export_dir / "modeconn_meta.json"
+    return json.loads(meta.read_text())["step"] if meta.is_file() else None
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:

@@ -14,7 +14,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing dependencies into $VENV (about three minutes the first time)"
-  pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
+  # (grep drops the notes some machines' pip configuration prints for every package)
+  pip_install() {
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+      | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+  }
   pip_install "setuptools>=70" wheel
   pip_install -r "$ROOT/requirements/test.txt"
   pip_install --no-deps -r "$ROOT/requirements/corpus.txt"
