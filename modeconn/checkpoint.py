@@ -38,6 +38,17 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def latest_tag(root: Path) -> Optional[str]:
+    """The tag `latest` names, checked to be complete; None when there is no checkpoint yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (Path(root) / tag / COMPLETE).is_file():
+        raise CheckpointError(f"{pointer} names {tag}, which is not a complete checkpoint")
+    return tag
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -60,7 +71,7 @@ class Checkpointer:
     def _rank_file(self, tag: str, rank: int) -> Path:
         return self.root / tag / f"trainer_rank{rank:05d}.pt"
 
-    def save(self, step: int, client_state: dict, loader_state: dict) -> Path:
+    def save(self, step: int, client_state: dict, loader_state: dict, model_config: dict) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
         tag = tag_for(step)
         start = time.perf_counter()
@@ -70,7 +81,8 @@ class Checkpointer:
         barrier()  # every rank has written all its files
         if self.world.is_main:
             atomic_write_text(self.root / tag / COMPLETE, json.dumps(
-                {"step": step, "world_size": self.world.world_size, "seconds": round(time.perf_counter() - start, 3)}))
+                {"step": step, "world_size": self.world.world_size, "model": model_config,
+                 "seconds": round(time.perf_counter() - start, 3)}))
             atomic_write_text(self.root / LATEST, tag)
             self._prune()
         barrier()
@@ -87,13 +99,7 @@ class Checkpointer:
         return sorted(p.name for p in self.root.iterdir() if TAG_PATTERN.match(p.name) and (p / COMPLETE).is_file())
 
     def latest(self) -> Optional[str]:
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        if not (self.root / tag / COMPLETE).is_file():
-            raise CheckpointError(f"{pointer} names {tag}, which is not a complete checkpoint")
-        return tag
+        return latest_tag(self.root)
 
     def remove_incomplete(self) -> list[str]:
         """Drop checkpoint directories a killed run left half-written (rank 0, before resuming)."""
@@ -106,10 +112,14 @@ class Checkpointer:
         barrier()
         return removed
 
-    def load(self, tag: str) -> tuple[dict, dict]:
+    def load(self, tag: str, model_config: dict) -> tuple[dict, dict]:
         """Restore engine (weights, optimizer partitions) and this rank's RNG. Returns
         (client_state, this rank's loader state)."""
         info = json.loads((self.root / tag / COMPLETE).read_text())
+        if info["model"] != model_config:
+            diff = [k for k in info["model"] if info["model"][k] != model_config.get(k)]
+            raise CheckpointError(f"{self.root / tag} holds a model with other settings ({', '.join(diff)}); "
+                                  f"resume with the model config it was trained with")
         if info["world_size"] != self.world.world_size:
             raise CheckpointError(
                 f"{self.root / tag} was written by {info['world_size']} ranks, this run has {self.world.world_size}. "

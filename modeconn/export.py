@@ -55,16 +55,16 @@ def _link_state_fragments(engine) -> None:
             lazy_init_hp_params_optimizer_state(lp_params, flat_hp, state)
 
 
-def _stepped_tensors(engine) -> list[torch.Tensor]:
-    """The tensors the torch optimizer updates, whose entries in `optimizer.state` hold its state:
-    ZeRO's flat fp32 partitions, or the parameters themselves at ZeRO-0 fp32."""
+def _stepped_tensors(engine) -> Optional[list[torch.Tensor]]:
+    """The flat fp32 partitions a DeepSpeed wrapper steps, whose entries in `optimizer.state` hold
+    the state; None at ZeRO-0 fp32, where the optimizer holds state per parameter."""
     opt = engine.optimizer
     for attr in ("single_partition_of_fp32_groups",  # ZeRO-1/2
                  "fp32_partitioned_groups_flat",  # ZeRO-3 (its param_groups hold them only during step())
                  "fp32_groups_flat_partition"):  # bf16 at ZeRO-0
         if hasattr(opt, attr):
             return list(getattr(opt, attr))
-    return [p for group in _client_optimizer(engine).param_groups for p in group["params"]]
+    return None  # ZeRO-0 fp32: the optimizer holds state per parameter
 
 
 def _ensure_state(engine, keys: tuple[str, ...], step: int) -> None:
@@ -83,11 +83,13 @@ def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
     return (full if full is not None else p.detach()).float().cpu()
 
 
-def _full_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+def _full_state(engine, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
+    """The full state tensor `key` of `p`; None where this parameter has no such state (Muon keeps
+    a momentum on its matrices and AdamW's moments on the other parameters)."""
     full = safe_get_full_optimizer_state(p, key)
     if full is None:  # ZeRO-0 fp32: the client optimizer holds state per parameter
-        full = _client_optimizer(engine).state[p][key]
-    return full.float().cpu()
+        full = _client_optimizer(engine).state[p].get(key)
+    return None if full is None else full.float().cpu()
 
 
 def gather_weights(model) -> dict[str, torch.Tensor]:
@@ -97,7 +99,8 @@ def gather_weights(model) -> dict[str, torch.Tensor]:
 
 def gather_optimizer_state(engine, model, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     _link_state_fragments(engine)
-    return {f"{name}::{key}": _full_state(engine, p, key) for name, p, _ in parameter_roles(model) for key in keys}
+    full = {f"{name}::{key}": _full_state(engine, p, key) for name, p, _ in parameter_roles(model) for key in keys}
+    return {k: v for k, v in full.items() if v is not None}
 
 
 def export(engine, model, model_cfg: ModelConfig, out: Path, world: World, metadata: dict,
@@ -132,20 +135,25 @@ def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys: 
                          source: str) -> None:
     """Set full per-parameter optimizer state (as written by `export`) into the engine's optimizer."""
     opt = _client_optimizer(engine)
-    _ensure_state(engine, keys, step)
-    _link_state_fragments(engine)
+    partitioned = _stepped_tensors(engine) is not None
+    if partitioned:
+        _ensure_state(engine, keys, step)
+        _link_state_fragments(engine)
     for name, p, _ in parameter_roles(model):
-        for key in keys:
-            full_key = f"{name}::{key}"
-            if full_key not in tensors:
-                raise CheckpointError(f"{source}: optimizer state has no tensor {full_key!r}")
-            value = tensors[full_key].to(p.device)
+        present = [key for key in keys if f"{name}::{key}" in tensors]
+        if not present:
+            raise CheckpointError(f"{source}: optimizer state has no tensor for {name!r} "
+                                  f"(expected {' or '.join(f'{name}::{k}' for k in keys)})")
+        for key in present:
+            value = tensors[f"{name}::{key}"].to(p.device)
             if hasattr(p, "ds_id"):
                 _set_zero3_state(engine.optimizer, p, value, key)
             elif hasattr(p, "_hp_mapping"):
                 safe_set_full_optimizer_state(p, value, key)
             else:
                 opt.state[p][key] = value.clone()
+                if key == "exp_avg_sq":  # AdamW's bias correction counts steps
+                    opt.state[p]["step"] = torch.tensor(float(step))
 
 
 def _set_zero3_state(zero3, p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ class MetricsLogger:
             import wandb
 
             id_file = Path(out_dir) / "wandb_run_id"  # a resumed run continues the same wandb run
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             atomic_write_text(id_file, run_id)
             self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, id=run_id, resume="allow",
                                     name=wandb_cfg.run_name or Path(out_dir).resolve().name, tags=wandb_cfg.tags,

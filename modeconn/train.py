@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from modeconn import config as config_lib
-from modeconn.checkpoint import COMPLETE, Checkpointer, tag_for
+from modeconn.checkpoint import COMPLETE, Checkpointer, latest_tag, tag_for
 from modeconn.config import DataConfig, SeedConfig
 from modeconn.data.loader import TokenWindows, TrainLoader, ValidationSet
 from modeconn.distributed import World, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
@@ -33,7 +33,7 @@ from modeconn.export import TRAINER_STATE, export, load_optimizer_state, read_tr
 from modeconn.hf import load_hf
 from modeconn.logger import MetricsLogger, WandbConfig, format_duration
 from modeconn.model import GPT, ModelConfig
-from modeconn.optim import STATE_KEYS, OptimConfig, build_optimizer
+from modeconn.optim import STATE_KEYS, OptimConfig, build_optimizer, describe_routing
 from modeconn.schedule import ScheduleConfig, lr_multiplier
 
 
@@ -158,9 +158,14 @@ class Trainer:
 
         import deepspeed
 
+        if cfg.optim.name == "muon" and cfg.deepspeed.zero_stage != 0:
+            raise ConfigError("optim.name=muon runs at deepspeed.zero_stage=0 for now (every rank orthogonalises "
+                              "every matrix); the ZeRO-partitioned Muon is not there yet")
+        optimizer = build_optimizer(self.model, cfg.optim)
+        if world.is_main:
+            print(describe_routing(optimizer), flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=build_optimizer(self.model, cfg.optim),
-            config=deepspeed_config(cfg, world.world_size))
+            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, world.world_size))
         if cfg.train.compile:
             self.engine.compile()
 
@@ -186,10 +191,8 @@ class Trainer:
                                     f"another out_dir (nothing there is overwritten)")
             return "fresh", None
         if cfg.resume == "auto":
-            if not (ckpt_root / "latest").is_file():
-                return "fresh", None
-            tag = (ckpt_root / "latest").read_text().strip()
-            return "checkpoint", str(ckpt_root / tag)
+            tag = latest_tag(ckpt_root)
+            return ("checkpoint", str(ckpt_root / tag)) if tag else ("fresh", None)
         path = Path(cfg.resume)
         if (path / COMPLETE).is_file():
             return "checkpoint", str(path)
@@ -207,12 +210,7 @@ class Trainer:
             path = Path(where)
             self.checkpointer.remove_incomplete()
             client, loader_state = Checkpointer(self.engine, path.parent, self.world, self.cfg.checkpoint.keep_last
-                                                ).load(path.name)
-            saved_model = client["config"]["model"]
-            if saved_model != config_lib.to_dict(self.cfg.model):
-                diff = [k for k in saved_model if saved_model[k] != config_lib.to_dict(self.cfg.model).get(k)]
-                raise CheckpointError(f"{path} was trained with other model settings ({', '.join(diff)}); "
-                                      f"resume with the same model config")
+                                                ).load(path.name, config_lib.to_dict(self.cfg.model))
         else:
             client, tensors = read_trainer_state(Path(where))
             if client["optimizer"] != self.cfg.optim.name:
@@ -368,7 +366,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         start = time.perf_counter()
         client = {"step": self.step, "tokens": self.tokens, "config": config_lib.to_dict(self.cfg)}
-        path = self.checkpointer.save(self.step, client, self.loader.state_dict())
+        path = self.checkpointer.save(self.step, client, self.loader.state_dict(), config_lib.to_dict(self.cfg.model))
         self.logger.log("checkpoint", self.step, {"path": str(path), "seconds": time.perf_counter() - start},
                         f"step {self.step:>6} | checkpoint {path} ({time.perf_counter() - start:.1f} s)")
         return path

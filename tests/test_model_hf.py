@@ -197,3 +197,18 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(x)[0], model(x)[0])
     model.eval()
     assert torch.equal(model(x)[0], model(x)[0])
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    cfg = ModelConfig.from_preset("tiny", n_layer=3)
+    x = torch.randint(0, VOCAB, (2, 32))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        model.checkpoint_blocks = checkpointed
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))

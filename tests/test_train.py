@@ -28,8 +28,17 @@ def wait_for(predicate, proc, timeout=120.0):
     raise AssertionError("timed out waiting for train.py")
 
 
-def kill_group(proc, sig):
-    os.killpg(proc.pid, sig)
+def kill_tree(proc, sig):
+    """Signal the launcher and every process under it at once (torchrun starts each rank in a
+    session of its own, so a process-group kill would miss them): a crash of the whole job."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    for p in root.children(recursive=True) + [root]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def hf_val_loss(export_dir, data_dir):
@@ -138,7 +147,7 @@ def test_sigkill_during_training_resumes_from_last_checkpoint(shakespeare, tmp_p
     out = tmp_path / "run"
     proc = start(shakespeare, out, nproc=2, **RESUME)
     wait_for(lambda: any(r["step"] >= 4 for r in metrics(out)), proc)
-    kill_group(proc, signal.SIGKILL)
+    kill_tree(proc, signal.SIGKILL)
     proc.wait()
     assert not (out / "final").exists()
     resumed = train(shakespeare, out, nproc=2, resume="auto", **RESUME)
@@ -155,7 +164,7 @@ def test_sigkill_while_writing_a_checkpoint(shakespeare, tmp_path, reference):
     proc = start(shakespeare, out, nproc=2, extra_env={"MODECONN_TEST_HOLD_CHECKPOINT": f"6:{marker}"},
                  script="tests/hold_checkpoint_train.py", **RESUME)
     wait_for(marker.exists, proc)
-    kill_group(proc, signal.SIGKILL)
+    kill_tree(proc, signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "step_00000006").is_dir()  # DeepSpeed's files are there ...
     assert not (out / "checkpoints" / "step_00000006" / COMPLETE).exists()  # ... but it is not complete
@@ -268,3 +277,42 @@ def test_diverging_loss_stops_with_a_clear_error(shakespeare, tmp_path):
 def test_bad_resume_path(shakespeare, tmp_path):
     proc = train(shakespeare, tmp_path / "run", launcher="python", check=False, resume=str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "neither a complete checkpoint" in proc.stderr
+
+
+def test_resume_with_another_model_is_refused_before_loading(shakespeare, tmp_path):
+    train(shakespeare, tmp_path / "run", launcher="python", **{"train.steps": 4, "train.stop_at_step": 2})
+    proc = train(shakespeare, tmp_path / "run", launcher="python", check=False, resume="auto",
+                 **{"train.steps": 4, "model.n_layer": 3})
+    assert proc.returncode == 2
+    assert "holds a model with other settings (n_layer)" in proc.stderr
+
+
+def test_bf16_run_with_wandb_offline_resumes(shakespeare, tmp_path):
+    """bf16 (DeepSpeed's bf16 optimizer, ZeRO-1), stopped and resumed; wandb offline logs to the same
+    run id both times; the export holds fp32 master weights."""
+    run = {"deepspeed.precision": "bf16", "deepspeed.zero_stage": 1, "train.steps": 3, "train.micro_batch": 2,
+           "data.val_windows": 4, "data.eval_batch_size": 2, "wandb.mode": "offline", "wandb.tags": "[test, bf16]"}
+    out = tmp_path / "run"
+    train(shakespeare, out, nproc=2, **run, **{"train.stop_at_step": 2})
+    run_id = (out / "wandb_run_id").read_text()
+    resumed = train(shakespeare, out, nproc=2, resume="auto", **run)
+    assert "at step 2" in resumed.stdout and (out / "wandb_run_id").read_text() == run_id
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert {t.dtype for t in weights(out / "final").values()} == {torch.float32}
+
+
+def test_tied_embeddings_export_under_zero3(shakespeare, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "tied"
+    train(shakespeare, out, nproc=2, **{"model.tie_embeddings": True, "deepspeed.zero_stage": 3, "train.steps": 3,
+                                        "checkpoint.every": 3, "train.eval_every": 3})
+    exported = weights(out / "final")
+    assert "lm_head.weight" not in exported  # tied: HF re-ties it from wte
+    oracle = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))
+    assert torch.equal(exported["transformer.wte.weight"], oracle["transformer.wte.weight"])
+    model = GPT2LMHeadModel.from_pretrained(out / "final")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    (val,) = metrics(out, "val")
+    assert hf_val_loss(out / "final", shakespeare) == pytest.approx(val["loss"], abs=1e-5)

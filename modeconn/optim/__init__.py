@@ -7,7 +7,7 @@ register a builder in OPTIMIZERS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch
@@ -15,10 +15,21 @@ import torch.nn as nn
 
 from modeconn.errors import ConfigError
 from modeconn.optim.lion import Lion
+from modeconn.optim.muon import Muon, MuonConfig, muon_matrices
 from modeconn.optim.roles import parameter_roles
 
-OptimizerName = Literal["adamw", "sgd", "lion"]
+OptimizerName = Literal["adamw", "sgd", "lion", "muon"]
 DEFAULT_BETAS = {"adamw": (0.9, 0.95), "lion": (0.9, 0.99)}
+
+
+@dataclass
+class AuxAdamWConfig:
+    """Muon's auxiliary AdamW: embeddings, lm_head, norm gains and biases (gains and biases never decayed)."""
+
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
 
 
 @dataclass
@@ -31,6 +42,8 @@ class OptimConfig:
     eps: float = 1e-8  # adamw
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
+    muon: MuonConfig = field(default_factory=MuonConfig)  # muon: lr and weight_decay above are Muon's
+    aux: AuxAdamWConfig = field(default_factory=AuxAdamWConfig)  # muon: the AdamW for the other parameters
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0:
@@ -57,24 +70,72 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def _adamw(groups, cfg):
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas or DEFAULT_BETAS["adamw"]), eps=cfg.eps)
+def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Routing by role: block matrices to Muon (each with its matrix slices), the rest to AdamW."""
+    n_head = model.config.n_head
+    muon = {"params": [], "names": [], "matrices": [], "use_muon": True, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay}
+    aux_decay = {"params": [], "names": [], "use_muon": False, "weight_decay": cfg.aux.weight_decay}
+    aux_plain = {"params": [], "names": [], "use_muon": False, "weight_decay": 0.0}
+    for name, p, role in parameter_roles(model):
+        if not p.requires_grad:
+            continue
+        if role == "matrix":
+            muon["params"].append(p)
+            muon["names"].append(name)
+            muon["matrices"].append(muon_matrices(name, tuple(p.shape), n_head, cfg.muon))
+            continue
+        group = aux_decay if role == "head" or (role == "embedding" and cfg.decay_embeddings) else aux_plain
+        group["params"].append(p)
+        group["names"].append(name)
+    for g in (aux_decay, aux_plain):
+        g.update(lr=cfg.aux.lr, betas=tuple(cfg.aux.betas), eps=cfg.aux.eps)
+    groups = [g for g in (muon, aux_decay, aux_plain) if g["params"]]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return groups
 
 
-def _sgd(groups, cfg):
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+def _adamw(model, cfg):
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas or DEFAULT_BETAS["adamw"]),
+                             eps=cfg.eps)
 
 
-def _lion(groups, cfg):
-    return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas or DEFAULT_BETAS["lion"]))
+def _sgd(model, cfg):
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
-    "adamw": _adamw, "sgd": _sgd, "lion": _lion}
+def _lion(model, cfg):
+    return Lion(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas or DEFAULT_BETAS["lion"]))
 
-# Per-parameter state tensors of each optimizer (what a world-size-independent state must keep).
-STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "lion": ("exp_avg",)}
+
+def _muon(model, cfg):
+    return Muon(muon_param_groups(model, cfg), cfg.muon)
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]] = {
+    "adamw": _adamw, "sgd": _sgd, "lion": _lion, "muon": _muon}
+
+# Per-parameter state tensors of each optimizer (what a world-size-independent state must keep);
+# Muon keeps momentum_buffer on its matrices and AdamW's two moments on the rest.
+STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "lion": ("exp_avg",),
+              "muon": ("momentum_buffer", "exp_avg", "exp_avg_sq")}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](param_groups(model, cfg), cfg)
+    return OPTIMIZERS[cfg.name](model, cfg)
+
+
+def describe_routing(optimizer: torch.optim.Optimizer) -> str:
+    """One line per parameter group: which optimizer, lr, weight decay, and its parameters."""
+    lines = []
+    for g in optimizer.param_groups:
+        kind = "muon" if g.get("use_muon") else ("adamw" if "use_muon" in g else type(optimizer).__name__.lower())
+        detail = ""
+        if g.get("use_muon"):
+            n_matrices = sum(len(m) for m in g["matrices"])
+            detail = f", {n_matrices} matrices orthogonalised separately"
+        names = g.get("names", [])
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        lines.append(f"  {kind}: lr {g['lr']:g}, weight decay {g['weight_decay']:g}{detail}: {shown}")
+    return "optimizer routing:\n" + "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Muon against oracles nobody here wrote: torch.optim.Muon (+ torch.optim.AdamW), and the
+Newton–Schulz polynomial evaluated exactly on the singular values (float64 SVD)."""
+
+import pytest
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from modeconn.model import GPT, ModelConfig
+from modeconn.optim import OptimConfig, build_optimizer, describe_routing
+from modeconn.optim.muon import DEFAULT_COEFFICIENTS, MuonConfig, newton_schulz, update_scale
+from modeconn.optim.roles import parameter_roles
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 96), (96, 40)])
+def test_bf16_newton_schulz_is_torchs_bit_for_bit(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ours = newton_schulz(g, 5, DEFAULT_COEFFICIENTS, 1e-7, torch.bfloat16)
+    assert torch.equal(ours, _zeropower_via_newtonschulz(g, DEFAULT_COEFFICIENTS, 5, 1e-7))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (24, 64), (64, 24)])
+def test_fp32_newton_schulz_is_the_polynomial_of_the_singular_values(shape):
+    """NS acts on singular values only: U diag(p(p(...p(s / ||s||)))) V^T, p(x) = a x + b x^3 + c x^5."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    a, b, c = DEFAULT_COEFFICIENTS
+    x = s / s.norm()
+    for _ in range(5):
+        x = a * x + b * x ** 3 + c * x ** 5
+    expected = u @ torch.diag(x) @ vh
+    ours = newton_schulz(g.float(), 5, DEFAULT_COEFFICIENTS, 1e-7, torch.float32).double()
+    assert (ours - expected).norm() / expected.norm() < 1e-5
+
+
+def test_update_scales():
+    assert update_scale(1024, 256, "original") == 2.0 and update_scale(256, 1024, "original") == 1.0
+    assert update_scale(256, 1024, "match_rms_adamw") == pytest.approx(0.2 * 32)
+    assert update_scale(1024, 256, "spectral") == 2.0 and update_scale(256, 1024, "spectral") == 0.5
+
+
+def test_routing_is_by_role():
+    model = GPT(ModelConfig.from_preset("tiny", tie_embeddings=False))
+    opt = build_optimizer(model, OptimConfig(name="muon"))
+    muon_names = {n for g in opt.param_groups if g["use_muon"] for n in g["names"]}
+    assert muon_names == {n for n, _, role in parameter_roles(model) if role == "matrix"}
+    aux = {n for g in opt.param_groups if not g["use_muon"] for n in g["names"]}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} <= aux  # not by name substrings
+    text = describe_routing(opt)
+    assert "muon: lr" in text and "adamw: lr" in text and "12 matrices orthogonalised separately" in text
+
+
+def clone_pair(cfg: ModelConfig):
+    torch.manual_seed(0)
+    a = GPT(cfg)
+    b = GPT(cfg)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("scale", ["original", "match_rms_adamw"])
+def test_muon_with_aux_adamw_equals_torch_over_50_steps(scale):
+    """Our optimizer (bf16 NS, the oracle's dtype; c_attn as one matrix, as torch sees it) against
+    torch.optim.Muon on the block matrices + torch.optim.AdamW on the rest, step by step."""
+    cfg = ModelConfig.from_preset("tiny", vocab_size=512, tie_embeddings=False)
+    ours_model, ref_model = clone_pair(cfg)
+    opt_cfg = OptimConfig(name="muon", lr=0.02, weight_decay=0.1, decay_embeddings=True,
+                          muon=MuonConfig(ns_dtype="bfloat16", scale=scale, split_qkv=False))
+    ours = build_optimizer(ours_model, opt_cfg)
+    roles = {n: r for n, _, r in parameter_roles(ref_model)}
+    params = dict(ref_model.named_parameters())
+    matrices = [p for n, p in params.items() if roles[n] == "matrix"]
+    decayed = [p for n, p in params.items() if roles[n] in ("embedding", "head")]
+    plain = [p for n, p in params.items() if roles[n] in ("norm", "bias")]
+    ref_muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                adjust_lr_fn=scale)
+    aux = opt_cfg.aux
+    ref_adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": aux.weight_decay},
+                                   {"params": plain, "weight_decay": 0.0}], lr=aux.lr, betas=tuple(aux.betas),
+                                  eps=aux.eps)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(50):
+        x = torch.randint(0, 512, (4, 33), generator=gen)
+        for model in (ours_model, ref_model):
+            model(x[:, :-1], x[:, 1:])[1].backward()
+        ours.step(), ref_muon.step(), ref_adamw.step()
+        for opt in (ours, ref_muon, ref_adamw):
+            opt.zero_grad(set_to_none=True)
+        for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+            err = ((p - q).norm() / q.norm()).item()
+            assert err <= 1e-6, (step, name, err)
+
+
+def test_split_qkv_equals_torch_muon_on_separate_q_k_v():
+    """With split_qkv, c_attn's update is torch.optim.Muon's on three separate [d, d] matrices."""
+    torch.manual_seed(3)
+    d = 32
+    w = torch.nn.Parameter(torch.randn(3 * d, d) * 0.02)
+    parts = [torch.nn.Parameter(w.detach()[i * d:(i + 1) * d].clone()) for i in range(3)]
+    from modeconn.optim.muon import Muon, muon_matrices
+
+    cfg = MuonConfig(ns_dtype="bfloat16", split_qkv=True)
+    ours = Muon([{"params": [w], "names": ["h.0.attn.c_attn.weight"], "use_muon": True, "lr": 0.02,
+                  "weight_decay": 0.1, "matrices": [muon_matrices("h.0.attn.c_attn.weight", (3 * d, d), 4, cfg)],
+                  "initial_lr": 0.02}], cfg)
+    ref = torch.optim.Muon(parts, lr=0.02, weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn(3 * d, d)
+        w.grad = g.clone()
+        for i, p in enumerate(parts):
+            p.grad = g[i * d:(i + 1) * d].clone()
+        ours.step(), ref.step()
+    assert torch.equal(w.detach(), torch.cat([p.detach() for p in parts]))
+
+
+def test_split_heads_orthogonalises_each_head():
+    from modeconn.optim.muon import muon_matrices
+
+    cfg = MuonConfig(split_qkv=True, split_heads=True)
+    slices = muon_matrices("transformer.h.0.attn.c_attn.weight", (3 * 64, 64), 4, cfg)
+    assert [(m.row_start, m.row_end) for m in slices] == [(16 * i, 16 * (i + 1)) for i in range(12)]
+    assert muon_matrices("transformer.h.0.mlp.c_fc.weight", (256, 64), 4, cfg)[0].rows == 256
+
+
+def test_muon_trains_and_resumes_exactly_at_zero0(shakespeare, tmp_path):
+    from train_runner import assert_same_weights, losses, train
+
+    run = {"optim.name": "muon", "optim.lr": 0.02, "deepspeed.zero_stage": 0, "train.steps": 6,
+           "checkpoint.every": 3}
+    train(shakespeare, tmp_path / "straight", nproc=2, **run)
+    out = tmp_path / "stopped"
+    first = train(shakespeare, out, nproc=2, **run, **{"train.stop_at_step": 3})
+    assert "muon: lr 0.02" in first.stdout and "matrices orthogonalised separately" in first.stdout
+    train(shakespeare, out, nproc=2, resume="auto", **run)
+    straight = losses(tmp_path / "straight")
+    assert straight[6] < straight[1] - 0.3
+    assert losses(out) == straight
+    assert_same_weights(out / "final", tmp_path / "straight" / "final")
+
+
+def test_muon_beyond_zero0_is_refused_clearly(shakespeare, tmp_path):
+    from train_runner import train
+
+    proc = train(shakespeare, tmp_path / "run", launcher="python", check=False,
+                 **{"optim.name": "muon", "deepspeed.zero_stage": 1})
+    assert proc.returncode == 2 and "optim.name=muon runs at deepspeed.zero_stage=0" in proc.stderr
