@@ -241,7 +241,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         run_start, start_step = time.perf_counter(), self.step
         last_log_step = self.step
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)  # no host sync per micro-step
         self.engine.train()
         if cfg.checkpoint.export_init and self.step == 0:
             self.export(self.out / "exports" / tag_for(0), {}, with_optimizer=False)
@@ -253,7 +253,7 @@ class Trainer:
             lr_scale = lr_multiplier(cfg.schedule, self.step, total)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_scale
-            will_log = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == total
+            will_log = self._logs_at(self.step + 1)
             for _ in range(cfg.train.grad_accum):
                 x, y = self.loader.next_batch()
                 _, loss = self.engine(x.to(self.world.device), y.to(self.world.device))
@@ -261,12 +261,12 @@ class Trainer:
                 if will_log and self.engine.is_gradient_accumulation_boundary():
                     self._grad_norm = self._plain_grad_norm()
                 self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
-                loss_sum += loss.detach().double().cpu()
+                loss_sum += loss.detach().double()
             self.step += 1
             self.tokens += self.tokens_per_step
             window_tokens += self.tokens_per_step
 
-            if self.step % cfg.train.log_every == 0 or self.step == total:
+            if self._logs_at(self.step):  # also before every checkpoint: a non-finite loss is never saved
                 loss_total, = all_reduce_sum([loss_sum.item()], self.world.device)
                 micro_batches = self.world.world_size * cfg.train.grad_accum * (self.step - last_log_step)
                 train_loss = loss_total / micro_batches
@@ -283,7 +283,7 @@ class Trainer:
                 last_val = self.evaluate()
                 self.logger.log("val", self.step, last_val, f"step {self.step:>6} | val loss {last_val['loss']:.4f} "
                                 f"| val token error {last_val['token_error']:.4f}")
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 or self.step == total:
+            if self._checkpoints_at(self.step):
                 self.save_checkpoint()
             if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0 and self.step != total:
                 self.export(self.out / "exports" / tag_for(self.step), last_val, with_optimizer=False)
@@ -295,6 +295,13 @@ class Trainer:
                         overwrite=final.exists())
         self.logger.close()
         return {"status": "finished", "step": self.step, "val": last_val, "export": str(final)}
+
+    def _checkpoints_at(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every and step % every == 0) or step == self.cfg.train.steps
+
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or self._checkpoints_at(step)
 
     def _log_train(self, loss: float, lr_scale: float, tokens_per_s: float, run_start: float, start_step: int):
         total = self.cfg.train.steps
