@@ -84,14 +84,6 @@ class MatrixSlice:
     def rows(self) -> int:
         return self.row_end - self.row_start
 
-    @property
-    def numel(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def flat_start(self) -> int:  # first element in the row-major flattened parameter
-        return self.row_start * self.cols
-
 
 def muon_matrices(name: str, shape: tuple[int, int], n_head: int, cfg: MuonConfig) -> list[MatrixSlice]:
     """How one Muon parameter splits into matrices (data, not code paths: one rule per layout)."""
