@@ -55,7 +55,7 @@ def _link_state_fragments(engine) -> None:
             lazy_init_hp_params_optimizer_state(lp_params, flat_hp, state)
 
 
-def _stepped_tensors(engine) -> Optional[list[torch.Tensor]]:
+def flat_partitions(engine) -> Optional[list[torch.Tensor]]:
     """The flat fp32 partitions a DeepSpeed wrapper steps, whose entries in `optimizer.state` hold
     the state; None at ZeRO-0 fp32, where the optimizer holds state per parameter."""
     opt = engine.optimizer
@@ -71,7 +71,7 @@ def _ensure_state(engine, keys: tuple[str, ...], step: int) -> None:
     """Create zero optimizer state where there is none yet (before the first step), so that a
     resumed run can overwrite it; `step` feeds AdamW's bias correction."""
     state = _client_optimizer(engine).state
-    for p in _stepped_tensors(engine):
+    for p in flat_partitions(engine):
         for key in keys:
             state[p].setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
         if "exp_avg_sq" in keys:  # AdamW
@@ -135,7 +135,7 @@ def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys: 
                          source: str) -> None:
     """Set full per-parameter optimizer state (as written by `export`) into the engine's optimizer."""
     opt = _client_optimizer(engine)
-    partitioned = _stepped_tensors(engine) is not None
+    partitioned = flat_partitions(engine) is not None
     if partitioned:
         _ensure_state(engine, keys, step)
         _link_state_fragments(engine)

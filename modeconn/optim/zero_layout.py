@@ -1,0 +1,63 @@
+"""Where each parameter's elements lie in every rank's ZeRO partition, learned from the engine.
+
+ZeRO-1/2 flatten each parameter group and cut it into equal parts, one per rank, so a parameter
+may be split between ranks at any element; ZeRO-3 cuts every parameter into equal parts (the last
+padded). Either way a rank holds, per parameter, at most one contiguous run of its row-major
+elements. A `Fragment` says which run, and where it sits in that rank's flat fp32 partition. The
+layout is what a distributed optimizer needs to move whole matrices to the rank that
+orthogonalises them (Muon), without any rank holding a full copy of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from modeconn.optim.roles import parameter_roles
+
+
+@dataclass(frozen=True)
+class Fragment:
+    rank: int
+    name: str  # parameter name
+    start: int  # first element of the flattened parameter held by `rank`
+    numel: int
+    partition: int  # which of the rank's flat fp32 partitions (one per parameter group); -1: none (ZeRO-0)
+    offset: int  # first element of the fragment in that partition
+
+
+def local_fragments(engine, model, rank: int) -> list[Fragment]:
+    """This rank's fragments, from DeepSpeed's own bookkeeping (fragment mappings, ZeRO-3 positions)."""
+    opt = engine.optimizer
+    out = []
+    for name, p, _ in parameter_roles(model):
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            partition, offset, length = opt.grad_position[opt.get_param_id(p)]
+            start = p.ds_tensor.ds_numel * dist.get_rank(group=opt.dp_process_group)
+            numel = max(0, min(length, p.ds_numel - start))  # the last rank's slice is padded
+            if numel:
+                out.append(Fragment(rank, name, start, numel, partition, offset))
+        elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2 (and bf16): a run of the flat group
+            m = p._hp_mapping
+            out.append(Fragment(rank, name, m.lp_fragment_address.start, m.lp_fragment_address.numel,
+                                m.param_group_index, m.hp_fragment_address.start))
+        elif not hasattr(p, "_hp_mapping"):  # ZeRO-0 fp32: every rank holds every parameter whole
+            out.append(Fragment(rank, name, 0, p.numel(), -1, -1))
+    return out
+
+
+def partition_layout(engine, model) -> list[Fragment]:
+    """Every rank's fragments (collective: all ranks call it), sorted by parameter and start."""
+    mine = local_fragments(engine, model, dist.get_rank())
+    everyone: list[list[Fragment]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(everyone, mine)
+    return sorted((f for frags in everyone for f in frags), key=lambda f: (f.name, f.start, f.rank))
+
+
+def fragment_values(partitions: list[torch.Tensor], fragment: Fragment, param: torch.Tensor) -> torch.Tensor:
+    """The elements of `fragment` on this rank: a view into its flat partition (or the parameter)."""
+    if fragment.partition < 0:
+        return param.detach().view(-1)[fragment.start:fragment.start + fragment.numel]
+    return partitions[fragment.partition].narrow(0, fragment.offset, fragment.numel)
