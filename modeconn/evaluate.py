@@ -21,7 +21,7 @@ from modeconn.config import DataConfig, SeedConfig
 from modeconn.data.loader import TokenWindows, ValidationSet
 from modeconn.data.tokenizer import gpt2_tokenizer
 from modeconn.data.prepare import TokenizerConfig
-from modeconn.hf import load_hf, save_hf
+from modeconn.hf import load_model, save_hf
 from modeconn.metrics import evaluate_lm
 from modeconn.model import GPT, ModelConfig
 
@@ -43,10 +43,8 @@ class EvaluateConfig:
 def run(cfg: EvaluateConfig) -> dict:
     torch.manual_seed(cfg.seed.init)
     if cfg.init_from:
-        model_cfg, state = load_hf(Path(cfg.init_from))
-        model = GPT(model_cfg)
-        model.load_state_dict(state)
-        source = cfg.init_from
+        model = load_model(Path(cfg.init_from))
+        model_cfg, source = model.config, cfg.init_from
     else:
         model_cfg, model = cfg.model, GPT(cfg.model)
         source = f"fresh init (preset {model_cfg.preset}, seed.init={cfg.seed.init})"

@@ -32,6 +32,7 @@ from modeconn.errors import CheckpointError, ConfigError, ModeconnError
 from modeconn.export import TRAINER_STATE, export, load_optimizer_state, read_trainer_state
 from modeconn.hf import load_hf
 from modeconn.logger import MetricsLogger, WandbConfig, format_duration
+from modeconn.metrics import batch_sums
 from modeconn.model import GPT, ModelConfig
 from modeconn.optim import STATE_KEYS, OptimConfig, build_optimizer, describe_routing
 from modeconn.schedule import ScheduleConfig, lr_multiplier
@@ -172,7 +173,12 @@ class Trainer:
         block = cfg.model.block_size
         self.loader = TrainLoader(TokenWindows(Path(cfg.data.dir), "train", block), cfg.train.micro_batch,
                                   seed=cfg.seed.data, rank=world.rank, world_size=world.world_size)
-        self.val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", block), cfg.data.val_windows or None)
+        val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", block), cfg.data.val_windows or None)
+        # The windows are fixed, so this rank's batches are read once; every rank runs the same number
+        # of forward passes (ZeRO-3 gathers parameters collectively), padding with an uncounted batch.
+        self.val_batches = list(val.batches(cfg.data.eval_batch_size, world.rank, world.world_size))
+        self.val_forward_passes = math.ceil(math.ceil(len(val) / world.world_size) / cfg.data.eval_batch_size)
+        self.val_padding = val.windows.batch(val.indices[:1])
         self.checkpointer = Checkpointer(self.engine, self.out / "checkpoints", world, cfg.checkpoint.keep_last)
         self._restore(resume)
         if world.is_main:
@@ -347,23 +353,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation over the fixed windows, split over ranks. Every rank runs the same number of
-        forward passes (ZeRO-3 gathers parameters collectively); padding batches are not counted."""
+        """Validation over the fixed windows, split over ranks, summed over ranks."""
         self.engine.eval()
-        bs, world = self.cfg.data.eval_batch_size, self.world.world_size
-        mine = list(self.val.batches(bs, self.world.rank, world))
-        n_batches = math.ceil(math.ceil(len(self.val) / world) / bs)
         loss_sum, errors, tokens = 0.0, 0.0, 0.0
-        for i in range(n_batches):
-            x, y = mine[i] if i < len(mine) else mine[0]
+        for i in range(self.val_forward_passes):
+            counted = i < len(self.val_batches)
+            x, y = self.val_batches[i] if counted else self.val_padding
             logits, _ = self.engine(x.to(self.world.device))
-            if i >= len(mine):
-                continue
-            logits = logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(logits.device).flatten(),
-                                                          reduction="sum").item()
-            errors += (logits.argmax(-1).cpu() != y).sum().item()
-            tokens += y.numel()
+            if counted:
+                batch_loss, batch_errors, batch_tokens = batch_sums(logits, y)
+                loss_sum, errors, tokens = loss_sum + batch_loss, errors + batch_errors, tokens + batch_tokens
         loss_sum, errors, tokens = all_reduce_sum([loss_sum, errors, tokens], self.world.device)
         self.engine.train()
         return {"loss": loss_sum / tokens, "token_error": errors / tokens, "tokens": int(tokens)}

@@ -136,7 +136,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         splits = {s: w.close() for s, w in writers.items()}
         for s in SPLITS:
             if splits[s]["tokens"] == 0:
-                raise DataError(f"{describe_source(cfg)} gave no {s} documents "
+                raise DataError(f"{sources.describe(cfg.source)} gave no {s} documents "
                                 f"({sum(x['documents'] for x in splits.values())} documents in all); "
                                 f"add documents or change val_fraction")
         elapsed = time.perf_counter() - start
@@ -145,7 +145,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
             "tokenizer": {"name": "gpt2", "n_vocab": enc.n_vocab, "eot_id": EOT_ID,
                           "bpe_file": cfg.tokenizer.bpe_file or os.environ.get("MODECONN_GPT2_BPE"),
                           "ranks_sha256": _ranks_digest(enc)},
-            "source": describe_source(cfg),
+            "source": sources.describe(cfg.source),
             "settings": _output_settings(cfg),
             "splits": splits,
             "tokens_per_second": round(n_tokens / elapsed),
@@ -156,10 +156,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
           f"{splits['val']['tokens']:,} val tokens ({splits['val']['documents']} docs) "
           f"in {elapsed:.1f} s ({n_tokens / elapsed:,.0f} tokens/s)")
     return out
-
-
-def describe_source(cfg: PrepareConfig) -> str:
-    return sources.describe(cfg.source)
 
 
 def _ranks_digest(enc) -> str:
