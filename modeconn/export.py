@@ -27,6 +27,7 @@ from modeconn.errors import CheckpointError
 from modeconn.hf import write_hf
 from modeconn.model import ModelConfig
 from modeconn.optim.roles import parameter_roles
+from modeconn.optim.zero_layout import flat_partitions, partition_param_group
 
 TRAINER_STATE = "trainer_state"
 
@@ -55,27 +56,18 @@ def _link_state_fragments(engine) -> None:
             lazy_init_hp_params_optimizer_state(lp_params, flat_hp, state)
 
 
-def flat_partitions(engine) -> Optional[list[torch.Tensor]]:
-    """The flat fp32 partitions a DeepSpeed wrapper steps, whose entries in `optimizer.state` hold
-    the state; None at ZeRO-0 fp32, where the optimizer holds state per parameter."""
-    opt = engine.optimizer
-    for attr in ("single_partition_of_fp32_groups",  # ZeRO-1/2
-                 "fp32_partitioned_groups_flat",  # ZeRO-3 (its param_groups hold them only during step())
-                 "fp32_groups_flat_partition"):  # bf16 at ZeRO-0
-        if hasattr(opt, attr):
-            return list(getattr(opt, attr))
-    return None  # ZeRO-0 fp32: the optimizer holds state per parameter
-
-
-def _ensure_state(engine, keys: tuple[str, ...], step: int) -> None:
+def _ensure_state(engine, keys_by_name: dict[str, tuple[str, ...]], step: int) -> None:
     """Create zero optimizer state where there is none yet (before the first step), so that a
-    resumed run can overwrite it; `step` feeds AdamW's bias correction."""
-    state = _client_optimizer(engine).state
-    for p in flat_partitions(engine):
+    resumed run can overwrite it: on each flat partition, its parameter group's keys; `step` feeds
+    AdamW's bias correction."""
+    client = _client_optimizer(engine)
+    for index, flat in enumerate(flat_partitions(engine)):
+        group = client.param_groups[partition_param_group(engine, index)]
+        keys = keys_by_name[group["names"][0]]
         for key in keys:
-            state[p].setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+            client.state[flat].setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
         if "exp_avg_sq" in keys:  # AdamW
-            state[p]["step"] = torch.tensor(float(step))
+            client.state[flat]["step"] = torch.tensor(float(step))
 
 
 def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -97,16 +89,20 @@ def gather_weights(model) -> dict[str, torch.Tensor]:
     return {name: _full_param(p) for name, p, _ in parameter_roles(model)}
 
 
-def gather_optimizer_state(engine, model, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def gather_optimizer_state(engine, model, keys_by_name: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """{"name::key": full fp32 state tensor}; a key this parameter does not have yet (before the first
+    step at ZeRO-0) is left out. Collective."""
     _link_state_fragments(engine)
-    full = {f"{name}::{key}": _full_state(engine, p, key) for name, p, _ in parameter_roles(model) for key in keys}
+    full = {f"{name}::{key}": _full_state(engine, p, key)
+            for name, p, _ in parameter_roles(model) for key in keys_by_name[name]}
     return {k: v for k, v in full.items() if v is not None}
 
 
 def export(engine, model, model_cfg: ModelConfig, out: Path, world: World, metadata: dict,
-           optimizer_keys: Optional[tuple[str, ...]] = None, trainer_state: Optional[dict] = None,
+           optimizer_keys: Optional[dict[str, tuple[str, ...]]] = None, trainer_state: Optional[dict] = None,
            overwrite: bool = False) -> Path:
-    """Collective. Rank 0 writes `out` (atomically); with `optimizer_keys`, also trainer_state/."""
+    """Collective. Rank 0 writes `out` (atomically); with `optimizer_keys` ({parameter name: state
+    keys}), also trainer_state/."""
     weights = gather_weights(model)
     optim = gather_optimizer_state(engine, model, optimizer_keys) if optimizer_keys else None
     if world.is_main:
@@ -131,15 +127,16 @@ def read_trainer_state(export_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]
     return json.loads(state_file.read_text()), load_file(str(Path(export_dir) / TRAINER_STATE / "optimizer.safetensors"))
 
 
-def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys: tuple[str, ...], step: int,
-                         source: str) -> None:
+def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys_by_name: dict[str, tuple[str, ...]],
+                         step: int, source: str) -> None:
     """Set full per-parameter optimizer state (as written by `export`) into the engine's optimizer."""
     opt = _client_optimizer(engine)
     partitioned = flat_partitions(engine) is not None
     if partitioned:
-        _ensure_state(engine, keys, step)
+        _ensure_state(engine, keys_by_name, step)
         _link_state_fragments(engine)
     for name, p, _ in parameter_roles(model):
+        keys = keys_by_name[name]
         present = [key for key in keys if f"{name}::{key}" in tensors]
         if not present:
             raise CheckpointError(f"{source}: optimizer state has no tensor for {name!r} "

@@ -34,7 +34,7 @@ from modeconn.hf import load_hf
 from modeconn.logger import MetricsLogger, WandbConfig, format_duration
 from modeconn.metrics import batch_sums
 from modeconn.model import GPT, ModelConfig
-from modeconn.optim import STATE_KEYS, OptimConfig, build_optimizer, describe_routing
+from modeconn.optim import OptimConfig, build_optimizer, describe_routing, state_keys_by_param
 from modeconn.schedule import ScheduleConfig, lr_multiplier
 
 
@@ -121,7 +121,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,  # our optimizers are plain torch optimizers
         "steps_per_print": 2 ** 62,  # we log ourselves
     }
-    return _deep_merge(ds, cfg.deepspeed.overrides)
+    merged = _deep_merge(ds, cfg.deepspeed.overrides)
+    zero = merged.get("zero_optimization", {})
+    if cfg.optim.name == "muon" and any(zero.get(k, {}).get("device", "none") != "none"
+                                        for k in ("offload_optimizer", "offload_param")):
+        # Muon exchanges matrix slices between the ranks' partitions, which offload moves or swaps out.
+        raise ConfigError("optim.name=muon does not run with ZeRO offload (deepspeed.overrides.zero_optimization."
+                          "offload_optimizer / offload_param); remove the offload or choose another optimizer")
+    return merged
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -159,14 +166,13 @@ class Trainer:
 
         import deepspeed
 
-        if cfg.optim.name == "muon" and cfg.deepspeed.zero_stage != 0:
-            raise ConfigError("optim.name=muon runs at deepspeed.zero_stage=0 for now (every rank orthogonalises "
-                              "every matrix); the ZeRO-partitioned Muon is not there yet")
-        optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         if world.is_main:
-            print(describe_routing(optimizer), flush=True)
+            print(describe_routing(self.optimizer), flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, world.world_size))
+            model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world.world_size))
+        if hasattr(self.optimizer, "attach"):  # Muon: where its matrices lie in ZeRO's partitions
+            self.optimizer.attach(self.engine, self.model)
         if cfg.train.compile:
             self.engine.compile()
 
@@ -221,7 +227,7 @@ class Trainer:
             client, tensors = read_trainer_state(Path(where))
             if client["optimizer"] != self.cfg.optim.name:
                 raise CheckpointError(f"{where} holds {client['optimizer']} state; this run uses {self.cfg.optim.name}")
-            load_optimizer_state(self.engine, self.model, tensors, STATE_KEYS[self.cfg.optim.name], client["step"],
+            load_optimizer_state(self.engine, self.model, tensors, self._state_keys(), client["step"],
                                  str(where))
             loader_state = client["loader"]
         self.step, self.tokens = client["step"], client["tokens"]
@@ -383,13 +389,16 @@ class Trainer:
                 "step": self.step, "tokens": self.tokens, "val_loss": val.get("loss"),
                 "val_token_error": val.get("token_error"), "zero_stage": self.cfg.deepspeed.zero_stage,
                 "world_size": self.world.world_size, "config": config_lib.to_dict(self.cfg)}
-        keys = STATE_KEYS[self.cfg.optim.name] if with_optimizer else None
+        keys = self._state_keys() if with_optimizer else None
         trainer_state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
-                         "optimizer": self.cfg.optim.name, "state_keys": list(keys or ())}
+                         "optimizer": self.cfg.optim.name, "state_keys": keys or {}}
         export(self.engine, self.model, self.cfg.model, out, self.world, meta, keys, trainer_state, overwrite)
         self.logger.log("export", self.step, {"path": str(out), "seconds": time.perf_counter() - start},
                         f"step {self.step:>6} | export {out} ({time.perf_counter() - start:.1f} s)")
         return out
+
+    def _state_keys(self) -> dict[str, tuple[str, ...]]:
+        return state_keys_by_param(self.optimizer, self.cfg.optim.name)
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):

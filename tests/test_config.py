@@ -7,13 +7,13 @@ from typing import Literal, Optional
 
 import pytest
 
+from conftest import ROOT
 from modeconn import config as config_lib
 from modeconn.config import load, parse_overrides
 from modeconn.data.prepare import PrepareConfig
 from modeconn.errors import ConfigError
 from modeconn.evaluate import EvaluateConfig
 from modeconn.model import ModelConfig
-from conftest import ROOT
 
 
 @dataclass
@@ -105,3 +105,11 @@ def test_command_line_error_exits_nonzero_with_one_line():
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'val_fractoin' (did you mean 'val_fraction'?); valid keys under the top level: "
         "source, tokenizer, out_dir, val_fraction, split_seed, shard_tokens, workers, batch_documents, overwrite"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_train_configs_load(path):
+    from modeconn.train import TrainConfig
+
+    cfg = load(TrainConfig, str(path))
+    assert cfg.out_dir.endswith(path.stem) and (cfg.optim.name == "muon") == ("muon" in path.stem)

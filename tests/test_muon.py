@@ -121,25 +121,85 @@ def test_split_heads_orthogonalises_each_head():
     assert muon_matrices("transformer.h.0.mlp.c_fc.weight", (256, 64), 4, cfg)[0].rows == 256
 
 
-def test_muon_trains_and_resumes_exactly_at_zero0(shakespeare, tmp_path):
+# --- the trainer with Muon: resume, another world size, bf16 ----------------------------------------
+
+# No accumulation and no clipping: then every ZeRO stage sums gradients alike and the runs of all
+# stages are bit-identical, so one straight run is the reference for all of them.
+MUON_RUN = {"optim.name": "muon", "optim.lr": 0.02, "train.steps": 8, "train.micro_batch": 6, "train.grad_clip": 0,
+            "checkpoint.every": 0}
+
+
+@pytest.fixture(scope="module")
+def muon_straight(shakespeare, tmp_path_factory):
+    from train_runner import losses, train
+
+    out = tmp_path_factory.mktemp("muon") / "straight"
+    proc = train(shakespeare, out, nproc=2, **MUON_RUN, **{"deepspeed.zero_stage": 1})
+    assert "muon: lr 0.02" in proc.stdout and "matrices orthogonalised separately" in proc.stdout
+    straight = losses(out)
+    assert straight[8] < straight[1] - 0.3
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_muon_stop_and_resume_is_bit_exact_at_every_stage(shakespeare, tmp_path, muon_straight, stage):
     from train_runner import assert_same_weights, losses, train
 
-    run = {"optim.name": "muon", "optim.lr": 0.02, "deepspeed.zero_stage": 0, "train.steps": 6,
-           "checkpoint.every": 3}
-    train(shakespeare, tmp_path / "straight", nproc=2, **run)
     out = tmp_path / "stopped"
-    first = train(shakespeare, out, nproc=2, **run, **{"train.stop_at_step": 3})
-    assert "muon: lr 0.02" in first.stdout and "matrices orthogonalised separately" in first.stdout
-    train(shakespeare, out, nproc=2, resume="auto", **run)
-    straight = losses(tmp_path / "straight")
-    assert straight[6] < straight[1] - 0.3
-    assert losses(out) == straight
-    assert_same_weights(out / "final", tmp_path / "straight" / "final")
+    run = dict(MUON_RUN, **{"deepspeed.zero_stage": stage})
+    train(shakespeare, out, nproc=2, **run, **{"train.stop_at_step": 4})
+    resumed = train(shakespeare, out, nproc=2, resume="auto", **run)
+    assert "at step 4" in resumed.stdout
+    assert losses(out) == losses(muon_straight)
+    assert_same_weights(out / "final", muon_straight / "final")
 
 
-def test_muon_beyond_zero0_is_refused_clearly(shakespeare, tmp_path):
+def test_muon_resumes_from_an_export_at_another_world_size(shakespeare, tmp_path, muon_straight):
+    """4 steps at 2 ranks (ZeRO-2), exported with the Muon momentum and AdamW moments per parameter
+    name; resumed at 2 ranks it is bit-identical to the straight run; at 3 ranks (ZeRO-3, cuts at
+    other places) the momentum arrives whole and training continues alike."""
+    from safetensors.torch import load_file
+    from train_runner import assert_same_weights, losses, train
+
+    train(shakespeare, tmp_path / "first", nproc=2, **dict(MUON_RUN, **{"deepspeed.zero_stage": 2, "train.steps": 4}))
+    export = tmp_path / "first" / "final"
+    state = load_file(str(export / "trainer_state" / "optimizer.safetensors"))
+    assert "transformer.h.0.mlp.c_fc.weight::momentum_buffer" in state
+    assert "transformer.wte.weight::exp_avg" in state and "transformer.wte.weight::momentum_buffer" not in state
+
+    train(shakespeare, tmp_path / "same", nproc=2, resume=str(export), **dict(MUON_RUN, **{"deepspeed.zero_stage": 2}))
+    straight = losses(muon_straight)
+    assert losses(tmp_path / "same") == {s: straight[s] for s in (5, 6, 7, 8)}
+    assert_same_weights(tmp_path / "same" / "final", muon_straight / "final")
+
+    three = {"deepspeed.zero_stage": 3, "train.micro_batch": 4}  # the same global batch of 12 windows
+    train(shakespeare, tmp_path / "three", nproc=3, resume=str(export), **dict(MUON_RUN, **three))
+    for step, loss in losses(tmp_path / "three").items():
+        assert loss == pytest.approx(straight[step], rel=1e-5), step
+    # Loaded at 3 ranks and exported again at once, the state is the exported one, bit for bit.
+    train(shakespeare, tmp_path / "reexport", nproc=3, resume=str(export), **dict(MUON_RUN, **three, **{"train.steps": 4}))
+    again = load_file(str(tmp_path / "reexport" / "final" / "trainer_state" / "optimizer.safetensors"))
+    assert again.keys() == state.keys()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_muon_bf16_run_resumes(shakespeare, tmp_path):
+    """bf16 weights, fp32 master partitions and momentum (ZeRO-1): stopped and resumed without a dtype error."""
+    from train_runner import losses, train, weights
+
+    run = dict(MUON_RUN, **{"deepspeed.precision": "bf16", "deepspeed.zero_stage": 1, "train.steps": 3,
+                            "train.micro_batch": 2, "data.val_windows": 4, "data.eval_batch_size": 2})
+    out = tmp_path / "run"
+    train(shakespeare, out, nproc=2, **run, **{"train.stop_at_step": 2})
+    resumed = train(shakespeare, out, nproc=2, resume="auto", **run)
+    assert "at step 2" in resumed.stdout and sorted(losses(out)) == [1, 2, 3]
+    assert {t.dtype for t in weights(out / "final").values()} == {torch.float32}
+
+
+def test_muon_with_offload_is_refused_clearly(shakespeare, tmp_path):
     from train_runner import train
 
     proc = train(shakespeare, tmp_path / "run", launcher="python", check=False,
-                 **{"optim.name": "muon", "deepspeed.zero_stage": 1})
-    assert proc.returncode == 2 and "optim.name=muon runs at deepspeed.zero_stage=0" in proc.stderr
+                 **{"optim.name": "muon", "deepspeed.zero_stage": 2,
+                    "deepspeed.overrides": "{zero_optimization: {offload_optimizer: {device: cpu}}}"})
+    assert proc.returncode == 2 and "optim.name=muon does not run with ZeRO offload" in proc.stderr

@@ -10,10 +10,10 @@ from distributed import run_distributed
 def _check_layout(rank, world_size, stage):
     import deepspeed
 
-    from modeconn.export import flat_partitions, gather_weights
+    from modeconn.export import gather_weights
     from modeconn.model import GPT, ModelConfig
     from modeconn.optim import OptimConfig, build_optimizer
-    from modeconn.optim.zero_layout import fragment_values, partition_layout
+    from modeconn.optim.zero_layout import flat_partitions, fragment_values, partition_layout
 
     # d=40 and vocab 1001 make sizes that 2 and 3 ranks cut in the middle of rows and of tensors
     cfg = ModelConfig.from_preset("tiny", n_embd=40, n_head=2, n_inner=120, vocab_size=1001, block_size=16)

@@ -116,10 +116,19 @@ def _muon(model, cfg):
 OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]] = {
     "adamw": _adamw, "sgd": _sgd, "lion": _lion, "muon": _muon}
 
-# Per-parameter state tensors of each optimizer (what a world-size-independent state must keep);
-# Muon keeps momentum_buffer on its matrices and AdamW's two moments on the rest.
-STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "lion": ("exp_avg",),
-              "muon": ("momentum_buffer", "exp_avg", "exp_avg_sq")}
+# Per-parameter state tensors (what a world-size-independent state must keep), by optimizer and,
+# for Muon, by side: momentum on its matrices, AdamW's two moments on the rest.
+STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "lion": ("exp_avg",)}
+MUON_STATE_KEYS = {True: ("momentum_buffer",), False: STATE_KEYS["adamw"]}
+
+
+def group_state_keys(optimizer_name: str, group: dict) -> tuple[str, ...]:
+    return MUON_STATE_KEYS[group["use_muon"]] if optimizer_name == "muon" else STATE_KEYS[optimizer_name]
+
+
+def state_keys_by_param(optimizer: torch.optim.Optimizer, optimizer_name: str) -> dict[str, tuple[str, ...]]:
+    """{parameter name: its state keys}, from the groups' `names`."""
+    return {name: group_state_keys(optimizer_name, g) for g in optimizer.param_groups for name in g["names"]}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -13,17 +13,25 @@ The unit of orthogonalisation is a *matrix*: a range of rows of a parameter. GPT
 attention weight c_attn [3d, d] is three matrices (Q, K, V, as in the seed study), or 3 x n_head
 with `split_heads`. A row range of a row-major tensor is one contiguous run of its elements, which
 is what lets the distributed version find each matrix inside ZeRO's flat partitions.
+
+Distributed (`Muon.attach`, `muon_exchange`): momentum, weight decay and the update act on each
+rank's own slice of ZeRO's flat fp32 partition; only Newton–Schulz needs whole matrices, so each
+matrix goes to one owner rank and comes back orthogonalised. Gradient clipping (DeepSpeed's) acts
+on the raw gradient, before the momentum, and NS runs once per optimizer step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
 from modeconn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from modeconn.optim.muon_exchange import PartitionExchange, ReplicatedExchange
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ScaleMode = Literal["original", "match_rms_adamw", "spectral"]
@@ -113,15 +121,61 @@ def apply_update(p: torch.Tensor, update: torch.Tensor, matrices: list[MatrixSli
 
 
 class Muon(torch.optim.Optimizer):
-    """Single-process Muon with the auxiliary AdamW in one optimizer.
+    """Muon with its auxiliary AdamW in one torch optimizer, in one process or as DeepSpeed's client
+    optimizer at any ZeRO stage.
 
-    Param groups carry `use_muon` (True: 2-D block weights, with `matrices` per parameter) or
-    False (AdamW with `betas`, `eps`). Every group has `lr`, `weight_decay`, `initial_lr`.
+    Param groups carry `use_muon` (True: 2-D block weights, with `matrices` per parameter) or False
+    (AdamW with `betas`, `eps`). Every group has `lr`, `weight_decay`, `initial_lr`, `names`.
+
+    Under DeepSpeed, call `attach(engine, model)` once after `deepspeed.initialize`. At ZeRO 1-3
+    the groups then hold flat fp32 partitions: momentum lives on this rank's partition only, and each
+    matrix is orthogonalised once, by its owner (`muon_exchange`). At ZeRO-0 with several ranks, each
+    matrix is orthogonalised once and the results are all-gathered. Unattached, every matrix is
+    orthogonalised locally (one process).
     """
 
     def __init__(self, groups: list[dict], cfg: MuonConfig):
         self.cfg = cfg
         super().__init__(groups, {})
+        self._partition_exchange: dict[int, PartitionExchange] = {}  # id(flat partition) -> its plan
+        self._replicated_exchange: dict[tuple, ReplicatedExchange] = {}  # group names -> plan (ZeRO-0)
+
+    def attach(self, engine, model) -> None:
+        """Learn where every Muon matrix lies on every rank and plan who orthogonalises it.
+        Collective: every rank calls it, after `deepspeed.initialize`."""
+        import torch.distributed as dist
+
+        from modeconn.optim.muon_exchange import PartitionExchange, ReplicatedExchange, matrix_pieces
+        from modeconn.optim.zero_layout import flat_partitions, partition_layout
+
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        muon_groups = [g for g in self.param_groups if g["use_muon"]]
+        matrices = {name: slices for g in muon_groups for name, slices in zip(g["names"], g["matrices"])}
+        partitions = flat_partitions(engine)
+        if partitions is None:  # ZeRO-0 fp32: whole parameters on every rank
+            if world_size > 1:
+                for g in muon_groups:
+                    flat = [m for name in g["names"] for m in matrices[name]]
+                    self._replicated_exchange[tuple(g["names"])] = ReplicatedExchange(flat, rank, world_size)
+            return
+        layout = [f for f in partition_layout(engine, model) if f.name in matrices]
+        group = getattr(engine.optimizer, "dp_process_group", None)
+        for index, flat_partition in enumerate(partitions):
+            fragments = [f for f in layout if f.partition == index]
+            if fragments:  # from every rank's layout: a rank holding none of it still takes part
+                names = sorted({f.name for f in fragments}, key=list(matrices).index)
+                slices = [m for name in names for m in matrices[name]]
+                self._partition_exchange[id(flat_partition)] = PartitionExchange(
+                    slices, matrix_pieces(slices, fragments), rank, world_size, group)
+
+    def owned_matrices(self) -> list[MatrixSlice]:
+        """The matrices this rank orthogonalises (all of them when unattached)."""
+        if self._partition_exchange:
+            return [m for plan in self._partition_exchange.values() for m in plan.owned_matrices]
+        if self._replicated_exchange:
+            return [m for plan in self._replicated_exchange.values()
+                    for k, m in enumerate(plan.matrices) if plan.owners[k] == plan.rank]
+        return [m for g in self.param_groups if g["use_muon"] for slices in g["matrices"] for m in slices]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -129,25 +183,66 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group(group)
-            else:
+        for group in self.param_groups:  # ZeRO wrappers step one group (or sub-group) at a time
+            if not group["use_muon"]:
                 self._adamw_group(group)
+            elif self._partition_exchange:
+                self._muon_partitions(group)
+            else:
+                self._muon_parameters(group)
         return loss
 
-    def _muon_group(self, group: dict) -> None:
-        mu, lr, wd = self.cfg.momentum, group["lr"], group["weight_decay"]
-        for p, matrices in zip(group["params"], group["matrices"]):
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
+        """Update the momentum of `p` (a parameter or a flat partition) and return the update to orthogonalise."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - self.cfg.momentum)
+        return p.grad.lerp(buf, self.cfg.momentum) if self.cfg.nesterov else buf
+
+    def _ns(self, dtype: torch.dtype):
+        cfg = self.cfg
+        return lambda x: newton_schulz(x, cfg.ns_steps, tuple(cfg.ns_coefficients), cfg.eps, dtype)
+
+    def _muon_partitions(self, group: dict) -> None:
+        lr, wd, scale = group["lr"], group["weight_decay"], self.cfg.scale
+        for flat in group["params"]:
+            plan = self._partition_exchange.get(id(flat))
+            if plan is None:
+                raise RuntimeError(f"Muon: a flat partition of {flat.numel()} elements that attach() did not see "
+                                   f"(optimizer offload and parameter swapping are not supported with Muon)")
+            dtype = resolve_dtype(self.cfg.ns_dtype, flat.device)
+            results = plan.orthogonalise(self._momentum(flat), dtype, self._ns(dtype))
+            flat.mul_(1 - lr * wd)
+            for piece, orth in zip(plan.local, results):
+                m = plan.matrices[piece.matrix]
+                flat.narrow(0, piece.offset, piece.numel).add_(orth, alpha=-lr * update_scale(m.rows, m.cols, scale))
+
+    def _muon_parameters(self, group: dict) -> None:
+        lr, wd, scale = group["lr"], group["weight_decay"], self.cfg.scale
+        exchange = self._replicated_exchange.get(tuple(group["names"]))
+        work = []
+        for name, p, slices in zip(group["names"], group["params"], group["matrices"]):
+            if p.dim() != 2:
+                raise RuntimeError("Muon: its parameters are flat ZeRO partitions; call optimizer.attach(engine, "
+                                   "model) after deepspeed.initialize")
             if p.grad is None:
+                if exchange is not None:  # the ranks must orthogonalise the same matrices
+                    raise RuntimeError(f"Muon: {name} has no gradient on rank {exchange.rank}")
                 continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - mu)
-            update = p.grad.lerp(buf, mu) if self.cfg.nesterov else buf
-            apply_update(p, update, matrices, lr, wd, self.cfg)
+            work.append((p, self._momentum(p), slices))
+        if exchange is None:
+            for p, update, slices in work:
+                apply_update(p, update, slices, lr, wd, self.cfg)
+            return
+        dtype = resolve_dtype(self.cfg.ns_dtype, work[0][0].device)
+        results = iter(exchange.orthogonalise([u[m.row_start:m.row_end] for _, u, slices in work for m in slices],
+                                              dtype, self._ns(dtype)))
+        for p, _, slices in work:
+            p.mul_(1 - lr * wd)
+            for m in slices:
+                p[m.row_start:m.row_end].add_(next(results), alpha=-lr * update_scale(m.rows, m.cols, scale))
 
     def _adamw_group(self, group: dict) -> None:
         (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]

@@ -11,6 +11,7 @@ orthogonalises them (Muon), without any rank holding a full copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -61,3 +62,22 @@ def fragment_values(partitions: list[torch.Tensor], fragment: Fragment, param: t
     if fragment.partition < 0:
         return param.detach().view(-1)[fragment.start:fragment.start + fragment.numel]
     return partitions[fragment.partition].narrow(0, fragment.offset, fragment.numel)
+
+
+def flat_partitions(engine) -> Optional[list[torch.Tensor]]:
+    """The flat fp32 partitions a DeepSpeed wrapper steps (indexed as `Fragment.partition`), whose
+    entries in the optimizer's state hold its state; None at ZeRO-0 fp32, where the client optimizer
+    steps the parameters themselves."""
+    opt = engine.optimizer
+    for attr in ("single_partition_of_fp32_groups",  # ZeRO-1/2: one per parameter group
+                 "fp32_partitioned_groups_flat",  # ZeRO-3: one per sub-group (in param_groups only during step())
+                 "fp32_groups_flat_partition"):  # bf16 at ZeRO-0: one per parameter group
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    return None
+
+
+def partition_param_group(engine, partition: int) -> int:
+    """The client optimizer's parameter group that flat partition `partition` belongs to."""
+    return engine.optimizer.sub_group_to_group_id[partition] if hasattr(engine.optimizer, "sub_group_to_group_id") \
+        else partition

@@ -1,0 +1,209 @@
+"""Optimizer step time and memory per rank: our distributed Muon vs DeepSpeed's built-in Muon
+(`"optimizer": {"type": "Muon"}`) vs AdamW, side by side in one run.
+
+    python benchmarks/muon_step.py [--preset paper-small] [--stages 1 2] [--ranks 2] [--steps 8]
+
+Each (stage, optimizer) runs in its own group of gloo CPU processes (one thread each, fp32
+weights), so each peak RSS is that configuration's own. Per rank and step we time the forward +
+backward and `engine.step()` separately: DeepSpeed's Muon does its momentum and Newton–Schulz
+while it reduces gradients (inside backward at ZeRO-2, inside step at ZeRO-1), so the sum of both,
+`train_step_s`, is the fair comparison, and `engine_step_s` is reported next to it.
+
+Both Muons get the same routing (block matrices to Muon; embeddings, head, gains and biases to
+AdamW) and the same matrices (c_attn whole, as DeepSpeed sees it): DeepSpeed routes by name
+substrings ("embed", "lm_head"), which would send GPT-2's wte and wpe to Muon, so the benchmark
+registers the embeddings under an extra name containing "embed" (same modules, same computation).
+Each Muon uses its own default Newton–Schulz: ours quintic with 5 steps in fp32 on CPU, DeepSpeed's
+Gram NS in fp16 (what it picks on a CPU with fp16 matmuls); `ns_s` is the time of that NS on the
+matrices the rank orthogonalises, measured alone, and `ns_share` = ns_s / train_step_s.
+
+Muon state per rank counts the tensors each Muon keeps between steps: our momentum; DeepSpeed's
+momentum plus its staged momentum copy. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OPTIMIZERS = ("ours_muon", "deepspeed_muon", "adamw")
+
+
+def _model(preset: str, block: int):
+    from modeconn.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    return GPT(ModelConfig.from_preset(preset, block_size=block, dropout=0.0))
+
+
+def _name_embeddings_for_deepspeed(model) -> None:
+    """DeepSpeed tags Muon parameters by name ("embed" and "lm_head" excluded): list the embeddings
+    first under names containing "embed", so that named_parameters() reports those names."""
+    t = model.transformer
+    aliases = [("embed_tokens", t.wte), ("embed_positions", t.wpe)]
+    t._modules = OrderedDict(aliases + list(t._modules.items()))
+
+
+def _state_bytes(tensors) -> int:
+    seen = {}
+    for x in tensors:
+        if torch.is_tensor(x) and x.numel() > 1:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _muon_state(engine, optimizer_name: str) -> int:
+    opt = engine.optimizer
+    client = opt.optimizer if hasattr(opt, "optimizer") else opt
+    momentum = [s["momentum_buffer"] for s in client.state.values() if "momentum_buffer" in s]
+    if optimizer_name == "deepspeed_muon":
+        momentum += [staged for staged, _ in getattr(opt, "_muon_pending_momentum", {}).values()]
+    return _state_bytes(momentum)
+
+
+def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
+    """Seconds of this rank's Newton–Schulz work per step, measured alone, and its matrix count."""
+    if optimizer_name == "ours_muon":
+        from modeconn.optim.muon import newton_schulz
+
+        shapes = [(m.rows, m.cols) for m in ours.owned_matrices()]
+        run = lambda g: newton_schulz(g, 5, dtype=torch.float32)  # noqa: E731
+    else:
+        from deepspeed.runtime.zero.muon.original_muon import zeropower_via_gram_newtonschulz
+
+        # DeepSpeed orthogonalises every Muon parameter that touches this rank's partition, whole.
+        opt = engine.optimizer
+        params = [p for group in opt.params_in_partition for p in group if getattr(p, "use_muon", False)]
+        shapes = [tuple(p.shape) for p in params]
+        run = lambda g: zeropower_via_gram_newtonschulz(g, steps=5)  # noqa: E731
+    inputs = [torch.randn(*s) for s in shapes]
+    for g in inputs:
+        run(g)  # warm-up (and compilation for each shape, for DeepSpeed's)
+    start = time.perf_counter()
+    for g in inputs:
+        run(g)
+    return time.perf_counter() - start, len(shapes)
+
+
+def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed
+
+    from modeconn.optim import OptimConfig, build_optimizer
+    from modeconn.optim.muon import MuonConfig
+
+    model = _model(args.preset, args.block)
+    config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+              "zero_allow_untested_optimizer": True}
+    ours = None
+    if optimizer_name == "deepspeed_muon":
+        _name_embeddings_for_deepspeed(model)
+        config["optimizer"] = {"type": "Muon", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1,
+                                                          "adam_lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    else:
+        cfg = (OptimConfig(name="muon", lr=0.02, muon=MuonConfig(ns_dtype="float32", split_qkv=False))
+               if optimizer_name == "ours_muon" else OptimConfig(name="adamw", lr=3e-3))
+        ours = build_optimizer(model, cfg)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=ours, config=config)
+        if optimizer_name == "ours_muon":
+            ours.attach(engine, model)
+        else:
+            ours = None
+    gen = torch.Generator().manual_seed(rank)
+    fwd_bwd, step = [], []
+    for i in range(args.warmup + args.steps):
+        x = torch.randint(0, model.config.vocab_size, (args.micro_batch, args.block + 1), generator=gen)
+        dist.barrier()
+        t0 = time.perf_counter()
+        engine.backward(engine(x[:, :-1], x[:, 1:])[1])
+        t1 = time.perf_counter()
+        engine.step()
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            fwd_bwd.append(t1 - t0)
+            step.append(t2 - t1)
+    ns_s, ns_matrices = (_ns_time(optimizer_name, engine, model, ours) if optimizer_name != "adamw" else (0.0, 0))
+    row = {"rank": rank, "forward_backward_s": statistics.median(fwd_bwd), "engine_step_s": statistics.median(step),
+           "train_step_s": statistics.median(a + b for a, b in zip(fwd_bwd, step)), "ns_s": ns_s,
+           "ns_matrices": ns_matrices, "muon_state_mb": _muon_state(engine, optimizer_name) / 2 ** 20,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    Path(out, f"{rank}.json").write_text(json.dumps(row))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # DeepSpeed's and gloo's threads can abort a finished process at interpreter teardown
+
+
+def run_config(args, stage: int, optimizer_name: str) -> list[dict]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_rank, args=(args.ranks, port, args, stage, optimizer_name, out), nprocs=args.ranks,
+                           join=True, start_method="spawn")
+        return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(args.ranks)]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The slowest rank sets the pace of a synchronous step; memory per rank is its largest."""
+    out = {k: max(r[k] for r in rows) for k in ("forward_backward_s", "engine_step_s", "train_step_s", "ns_s",
+                                                  "muon_state_mb", "peak_rss_mb")}
+    out["ns_matrices_per_rank"] = [r["ns_matrices"] for r in rows]
+    out["ns_share"] = out["ns_s"] / out["train_step_s"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="paper-small")
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = {"benchmark": "muon_step", "preset": args.preset, "ranks": args.ranks, "micro_batch": args.micro_batch,
+              "block": args.block, "dtype": "float32", "device": "cpu", "machine": platform.processor() or
+              platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "stages": {}}
+    for stage in args.stages:
+        runs = {name: summarise(run_config(args, stage, name)) for name in OPTIMIZERS}
+        ours, ds, adamw = runs["ours_muon"], runs["deepspeed_muon"], runs["adamw"]
+        runs["ratios"] = {
+            "train_step_ours_over_deepspeed_muon": ours["train_step_s"] / ds["train_step_s"],
+            "engine_step_ours_over_deepspeed_muon": ours["engine_step_s"] / ds["engine_step_s"],
+            "muon_state_ours_over_deepspeed_muon": ours["muon_state_mb"] / ds["muon_state_mb"],
+            "peak_rss_ours_over_deepspeed_muon": ours["peak_rss_mb"] / ds["peak_rss_mb"],
+            "train_step_ours_over_adamw": ours["train_step_s"] / adamw["train_step_s"],
+            "train_step_deepspeed_muon_over_adamw": ds["train_step_s"] / adamw["train_step_s"],
+        }
+        result["stages"][f"zero{stage}"] = runs
+        print(json.dumps({f"zero{stage}": runs["ratios"]}), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

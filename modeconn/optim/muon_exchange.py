@@ -1,0 +1,160 @@
+"""Who orthogonalises which Muon matrix, and how its slices travel there and back.
+
+Newton–Schulz needs a whole matrix, while ZeRO leaves each rank a flat run of elements that may
+start or end anywhere inside a matrix. Every matrix gets one *owner* rank (balancing NS cost over
+the ranks); each rank sends the pieces it holds to their owners in one batched all_to_all, owners
+run NS, and a second all_to_all brings each piece's result back to the rank that holds it, where
+the update is applied to the local partition. Nobody holds more than its partition plus the
+matrices it owns. At ZeRO-0 every rank holds everything: owners orthogonalise, then one all_gather.
+
+The plans are built once from the global layout (`zero_layout.partition_layout`), so every rank
+knows every split size, and both sides of each exchange list pieces in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from modeconn.optim.zero_layout import Fragment
+
+if TYPE_CHECKING:
+    from modeconn.optim.muon import MatrixSlice
+
+Orthogonalise = Callable[[torch.Tensor], torch.Tensor]
+
+
+def ns_cost(rows: int, cols: int) -> int:
+    """Multiply-adds of one Newton–Schulz iteration on the wide orientation (m <= n): X X^T (m^2 n),
+    the m x m polynomial (m^3) and its product with X (m^2 n)."""
+    m, n = sorted((rows, cols))
+    return m * m * (2 * n + m)
+
+
+def assign_owners(matrices: list[MatrixSlice], world_size: int,
+                  held: Optional[list[dict[int, int]]] = None) -> list[int]:
+    """Largest NS cost first, each matrix to the least-loaded rank (the greedy LPT schedule, within
+    4/3 of the best makespan); ties go to the rank already holding most of the matrix, then the lowest."""
+    load = [0] * world_size
+    owners = [0] * len(matrices)
+    for k in sorted(range(len(matrices)), key=lambda k: (-ns_cost(matrices[k].rows, matrices[k].cols), k)):
+        holding = held[k] if held else {}
+        owner = min(range(world_size), key=lambda r: (load[r], -holding.get(r, 0), r))
+        owners[k] = owner
+        load[owner] += ns_cost(matrices[k].rows, matrices[k].cols)
+    return owners
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The elements [start, start + numel) of matrix `matrix` (row-major), held by `rank` at
+    `offset` in its flat partition."""
+    rank: int
+    matrix: int
+    start: int
+    numel: int
+    offset: int
+
+
+def matrix_pieces(matrices: list[MatrixSlice], fragments: list[Fragment]) -> list[Piece]:
+    """Cut every rank's fragments at matrix boundaries."""
+    by_param: dict[str, list[tuple[int, MatrixSlice]]] = {}
+    for k, m in enumerate(matrices):
+        by_param.setdefault(m.param, []).append((k, m))
+    pieces = []
+    for f in fragments:
+        for k, m in by_param.get(f.name, ()):
+            first, last = m.row_start * m.cols, m.row_end * m.cols
+            lo, hi = max(f.start, first), min(f.start + f.numel, last)
+            if lo < hi:
+                pieces.append(Piece(f.rank, k, lo - first, hi - lo, f.offset + lo - f.start))
+    return pieces
+
+
+class PartitionExchange:
+    """One flat partition's Muon matrices (a ZeRO parameter group, or a ZeRO-3 sub-group), as seen
+    from `rank`: what it sends to whom, what it owns, what comes back."""
+
+    def __init__(self, matrices: list[MatrixSlice], pieces: list[Piece], rank: int, world_size: int, group=None):
+        covered = [0] * len(matrices)
+        held: list[dict[int, int]] = [{} for _ in matrices]
+        for p in pieces:
+            covered[p.matrix] += p.numel
+            held[p.matrix][p.rank] = held[p.matrix].get(p.rank, 0) + p.numel
+        for m, n in zip(matrices, covered):
+            if n != m.rows * m.cols:
+                raise RuntimeError(f"Muon: the ZeRO fragments of {m.param} rows {m.row_start}:{m.row_end} cover "
+                                   f"{n} of its {m.rows * m.cols} elements")
+        self.matrices, self.group = matrices, group
+        self.owners = assign_owners(matrices, world_size, held)
+        # Sent in (owner, matrix, start) order; the receiver lists what it gets in (sender, matrix,
+        # start) order: both sort each sender-owner pair's pieces by (matrix, start).
+        self.local = sorted((p for p in pieces if p.rank == rank), key=lambda p: (self.owners[p.matrix], p.matrix, p.start))
+        self.send_splits = [sum(p.numel for p in self.local if self.owners[p.matrix] == d) for d in range(world_size)]
+        incoming = sorted((p for p in pieces if self.owners[p.matrix] == rank), key=lambda p: (p.rank, p.matrix, p.start))
+        self.recv_splits = [sum(p.numel for p in incoming if p.rank == s) for s in range(world_size)]
+        self.owned: list[tuple[int, int]] = []  # (matrix, offset in the owned buffer)
+        offset = 0
+        for k, m in enumerate(matrices):
+            if self.owners[k] == rank:
+                self.owned.append((k, offset))
+                offset += m.rows * m.cols
+        self.owned_numel = offset
+        where = dict(self.owned)
+        self.incoming = [(where[p.matrix] + p.start, p.numel) for p in incoming]  # (position in owned buffer, numel)
+
+    @property
+    def owned_matrices(self) -> list[MatrixSlice]:
+        return [self.matrices[k] for k, _ in self.owned]
+
+    def orthogonalise(self, update: torch.Tensor, dtype: torch.dtype, ns: Orthogonalise) -> list[torch.Tensor]:
+        """NS of every matrix in the flat `update`; returns the results for `self.local`, in order.
+        Collective over the group: every rank calls it for the same partition."""
+        device = update.device
+        send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in self.local]).to(dtype) if self.local
+                else torch.empty(0, dtype=dtype, device=device))
+        recv = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=self.group)
+        del send
+        owned = torch.empty(self.owned_numel, dtype=dtype, device=device)
+        position = 0
+        for at, numel in self.incoming:
+            owned.narrow(0, at, numel).copy_(recv.narrow(0, position, numel))
+            position += numel
+        for k, at in self.owned:  # results overwrite their inputs: one owned buffer, not two
+            m = self.matrices[k]
+            block = owned.narrow(0, at, m.rows * m.cols).view(m.rows, m.cols)
+            block.copy_(ns(block))
+        back = (torch.cat([owned.narrow(0, at, numel) for at, numel in self.incoming]) if self.incoming
+                else torch.empty(0, dtype=dtype, device=device))
+        del owned
+        results = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(results, back, self.send_splits, self.recv_splits, group=self.group)
+        return list(results.split([p.numel for p in self.local]))
+
+
+class ReplicatedExchange:
+    """ZeRO-0: every rank holds every matrix whole. Owners orthogonalise; one all_gather shares the results."""
+
+    def __init__(self, matrices: list[MatrixSlice], rank: int, world_size: int, group=None):
+        self.matrices, self.rank, self.world_size, self.group = matrices, rank, world_size, group
+        self.owners = assign_owners(matrices, world_size)
+        self.offsets, loads = [], [0] * world_size
+        for k, m in enumerate(matrices):
+            self.offsets.append(loads[self.owners[k]])
+            loads[self.owners[k]] += m.rows * m.cols
+        self.bucket = max(loads)  # every rank's contribution is padded to the largest
+
+    def orthogonalise(self, updates: list[torch.Tensor], dtype: torch.dtype, ns: Orthogonalise) -> list[torch.Tensor]:
+        """NS of `updates` (one 2-D tensor per matrix, the same on every rank); collective."""
+        mine = torch.zeros(self.bucket, dtype=dtype, device=updates[0].device)
+        for k, (m, u) in enumerate(zip(self.matrices, updates)):
+            if self.owners[k] == self.rank:
+                mine.narrow(0, self.offsets[k], m.rows * m.cols).view(m.rows, m.cols).copy_(ns(u))
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        return [gathered[self.owners[k]].narrow(0, self.offsets[k], m.rows * m.cols).view(m.rows, m.cols)
+                for k, m in enumerate(self.matrices)]
