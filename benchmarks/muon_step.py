@@ -14,8 +14,9 @@ AdamW) and the same matrices (c_attn whole, as DeepSpeed sees it): DeepSpeed rou
 substrings ("embed", "lm_head"), which would send GPT-2's wte and wpe to Muon, so the benchmark
 registers the embeddings under an extra name containing "embed" (same modules, same computation).
 Each Muon uses its own default Newton–Schulz: ours quintic with 5 steps in fp32 on CPU, DeepSpeed's
-Gram NS in fp16 (what it picks on a CPU with fp16 matmuls); `ns_s` is the time of that NS on the
-matrices the rank orthogonalises, measured alone, and `ns_share` = ns_s / train_step_s.
+Gram NS in fp16 (what it picks on a CPU with fp16 matmuls); ours is also run with NS in bf16 (its
+GPU default), the same precision class. `ns_s` is the time of that NS on the matrices the rank
+orthogonalises, measured alone, and `ns_share` = ns_s / train_step_s.
 
 Muon state per rank counts the tensors each Muon keeps between steps: our momentum; DeepSpeed's
 momentum plus its staged momentum copy. Prints one JSON object.
@@ -41,7 +42,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-OPTIMIZERS = ("ours_muon", "deepspeed_muon", "adamw")
+# ours_muon: our default on CPU (fp32 NS); ours_muon_bf16_ns: NS in bf16, as on GPU and as torch.optim.Muon,
+# the same precision class as DeepSpeed's fp16 NS.
+OPTIMIZERS = ("ours_muon", "ours_muon_bf16_ns", "deepspeed_muon", "adamw")
 
 
 def _model(preset: str, block: int):
@@ -78,11 +81,12 @@ def _muon_state(engine, optimizer_name: str) -> int:
 
 def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
     """Seconds of this rank's Newton–Schulz work per step, measured alone, and its matrix count."""
-    if optimizer_name == "ours_muon":
-        from modeconn.optim.muon import newton_schulz
+    if optimizer_name.startswith("ours"):
+        from modeconn.optim.muon import newton_schulz, resolve_dtype
 
         shapes = [(m.rows, m.cols) for m in ours.owned_matrices()]
-        run = lambda g: newton_schulz(g, 5, dtype=torch.float32)  # noqa: E731
+        dtype = resolve_dtype(ours.cfg.ns_dtype, torch.device("cpu"))
+        run = lambda g: newton_schulz(g, 5, dtype=dtype)  # noqa: E731
     else:
         from deepspeed.runtime.zero.muon.original_muon import zeropower_via_gram_newtonschulz
 
@@ -103,6 +107,7 @@ def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
 def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    os.dup2(2, 1)  # DeepSpeed logs to stdout; the parent's stdout carries only the JSON
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
@@ -121,11 +126,12 @@ def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: st
                                                           "adam_lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     else:
-        cfg = (OptimConfig(name="muon", lr=0.02, muon=MuonConfig(ns_dtype="float32", split_qkv=False))
-               if optimizer_name == "ours_muon" else OptimConfig(name="adamw", lr=3e-3))
+        ns_dtype = "bfloat16" if optimizer_name == "ours_muon_bf16_ns" else "float32"
+        cfg = (OptimConfig(name="muon", lr=0.02, muon=MuonConfig(ns_dtype=ns_dtype, split_qkv=False))
+               if optimizer_name.startswith("ours") else OptimConfig(name="adamw", lr=3e-3))
         ours = build_optimizer(model, cfg)
         engine, *_ = deepspeed.initialize(model=model, optimizer=ours, config=config)
-        if optimizer_name == "ours_muon":
+        if optimizer_name.startswith("ours"):
             ours.attach(engine, model)
         else:
             ours = None
@@ -182,7 +188,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -191,15 +197,17 @@ def main() -> None:
               platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "stages": {}}
     for stage in args.stages:
         runs = {name: summarise(run_config(args, stage, name)) for name in OPTIMIZERS}
-        ours, ds, adamw = runs["ours_muon"], runs["deepspeed_muon"], runs["adamw"]
-        runs["ratios"] = {
-            "train_step_ours_over_deepspeed_muon": ours["train_step_s"] / ds["train_step_s"],
-            "engine_step_ours_over_deepspeed_muon": ours["engine_step_s"] / ds["engine_step_s"],
-            "muon_state_ours_over_deepspeed_muon": ours["muon_state_mb"] / ds["muon_state_mb"],
-            "peak_rss_ours_over_deepspeed_muon": ours["peak_rss_mb"] / ds["peak_rss_mb"],
-            "train_step_ours_over_adamw": ours["train_step_s"] / adamw["train_step_s"],
-            "train_step_deepspeed_muon_over_adamw": ds["train_step_s"] / adamw["train_step_s"],
-        }
+        ds, adamw = runs["deepspeed_muon"], runs["adamw"]
+        ratios = {"train_step_deepspeed_muon_over_adamw": ds["train_step_s"] / adamw["train_step_s"]}
+        for name in ("ours_muon", "ours_muon_bf16_ns"):
+            ours = runs[name]
+            ratios.update({
+                f"train_step_{name}_over_deepspeed_muon": ours["train_step_s"] / ds["train_step_s"],
+                f"engine_step_{name}_over_deepspeed_muon": ours["engine_step_s"] / ds["engine_step_s"],
+                f"muon_state_{name}_over_deepspeed_muon": ours["muon_state_mb"] / ds["muon_state_mb"],
+                f"peak_rss_{name}_over_deepspeed_muon": ours["peak_rss_mb"] / ds["peak_rss_mb"],
+                f"train_step_{name}_over_adamw": ours["train_step_s"] / adamw["train_step_s"]})
+        runs["ratios"] = ratios
         result["stages"][f"zero{stage}"] = runs
         print(json.dumps({f"zero{stage}": runs["ratios"]}), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))

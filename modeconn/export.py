@@ -67,7 +67,7 @@ def _ensure_state(engine, keys_by_name: dict[str, tuple[str, ...]], step: int) -
         for key in keys:
             client.state[flat].setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
         if "exp_avg_sq" in keys:  # AdamW
-            client.state[flat]["step"] = torch.tensor(float(step))
+            client.state[flat]["step"] = torch.tensor(float(step), device=flat.device)
 
 
 def _full_param(p: torch.nn.Parameter) -> torch.Tensor:

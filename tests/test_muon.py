@@ -76,7 +76,7 @@ def test_muon_with_aux_adamw_equals_torch_over_50_steps(scale):
     aux = opt_cfg.aux
     ref_adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": aux.weight_decay},
                                    {"params": plain, "weight_decay": 0.0}], lr=aux.lr, betas=tuple(aux.betas),
-                                  eps=aux.eps)
+                                  eps=aux.eps, fused=True)  # the kernel our AdamW side calls
     gen = torch.Generator().manual_seed(2)
     for step in range(50):
         x = torch.randint(0, 512, (4, 33), generator=gen)

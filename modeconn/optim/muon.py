@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
+from torch.optim.adamw import adamw
 
 from modeconn.errors import ConfigError
 
@@ -245,18 +246,19 @@ class Muon(torch.optim.Optimizer):
                 p[m.row_start:m.row_end].add_(next(results), alpha=-lr * update_scale(m.rows, m.cols, scale))
 
     def _adamw_group(self, group: dict) -> None:
-        (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        """torch's AdamW arithmetic (its fused kernel on CPU and CUDA) on this group's parameters or partitions."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
-                state["step"] = torch.tensor(0.0)
                 state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"].item()
-            p.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+            # The fused kernel counts steps in a float32 scalar on the parameter's device.
+            state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device=p.device)
+        if not params:
+            return
+        (beta1, beta2), states = group["betas"], [self.state[p] for p in params]
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in params)
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+              [s["step"] for s in states], fused=fused, foreach=None if fused else False, amsgrad=False, beta1=beta1,
+              beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
