@@ -118,3 +118,40 @@ def test_distributed_muon_equals_one_process(stage, world_size, tmp_path):
             assert muon_numel / world_size <= r["momentum"] <= muon_numel / world_size + 64 * world_size, r
     print(json.dumps({"stage": stage, "world_size": world_size, "worst_muon": worst_muon, "worst_aux": worst_aux,
                       "momentum": [r["momentum"] for r in result["ranks"]], "muon_numel": muon_numel}))
+
+
+def test_exchange_plans_agree_between_ranks_and_balance_the_work():
+    """Synthetic layout, 3 ranks, cuts anywhere: pieces tile every matrix once; what rank r sends to
+    rank d is what d expects from r; owners' NS loads are within LPT's 4/3 of the lower bound."""
+    from modeconn.optim.muon import MatrixSlice
+    from modeconn.optim.muon_exchange import PartitionExchange, matrix_pieces, ns_cost
+    from modeconn.optim.zero_layout import Fragment
+
+    world = 3
+    shapes = {"a": (24, 8), "b": (8, 40), "c": (30, 10)}
+    matrices = [MatrixSlice("a", 0, 8, 8), MatrixSlice("a", 8, 16, 8), MatrixSlice("a", 16, 24, 8),
+                MatrixSlice("b", 0, 8, 40), MatrixSlice("c", 0, 30, 10)]
+    sizes = [r * c for r, c in shapes.values()]
+    total = sum(sizes)
+    cut = [0, 101, 377, total]  # ZeRO-1/2 style: one flat run of all parameters, cut in three
+    fragments, start_of = [], dict(zip(shapes, [0, sizes[0], sizes[0] + sizes[1]]))
+    for rank in range(world):
+        for name, size in zip(shapes, sizes):
+            lo, hi = max(cut[rank], start_of[name]), min(cut[rank + 1], start_of[name] + size)
+            if lo < hi:
+                fragments.append(Fragment(rank, name, lo - start_of[name], hi - lo, 0, lo - cut[rank]))
+    pieces = matrix_pieces(matrices, fragments)
+    for k, m in enumerate(matrices):
+        runs = sorted((p.start, p.numel) for p in pieces if p.matrix == k)
+        assert runs[0][0] == 0 and sum(n for _, n in runs) == m.rows * m.cols
+        assert all(a + n == b for (a, n), (b, _) in zip(runs, runs[1:]))
+    plans = [PartitionExchange(matrices, pieces, rank, world) for rank in range(world)]
+    assert len({tuple(p.owners) for p in plans}) == 1
+    for r in range(world):
+        for d in range(world):
+            assert plans[r].send_splits[d] == plans[d].recv_splits[r]
+    loads = [sum(ns_cost(m.rows, m.cols) for m in p.owned_matrices) for p in plans]
+    costs = [ns_cost(m.rows, m.cols) for m in matrices]
+    assert max(loads) <= 4 / 3 * max(sum(costs) / world, max(costs))
+    with pytest.raises(RuntimeError, match="cover"):
+        PartitionExchange(matrices, pieces[1:], 0, world)
