@@ -42,7 +42,7 @@ def fresh_model():
     return GPT(model_config())
 
 
-def _train_distributed(rank, world_size, stage, out):
+def _train_distributed(rank, world_size, stage, out, zero_extra=None):
     import deepspeed
 
     from modeconn.export import gather_weights
@@ -52,7 +52,8 @@ def _train_distributed(rank, world_size, stage, out):
     optimizer = build_optimizer(model, optim_config())
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM, "gradient_clipping": CLIP,
-        "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9})
+        "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage, **(zero_extra or {})},
+        "steps_per_print": 10 ** 9})
     optimizer.attach(engine, model)
     for step in range(STEPS):
         for micro in range(ACCUM):
@@ -64,7 +65,8 @@ def _train_distributed(rank, world_size, stage, out):
     muon_partition = (sum(p.numel() for p in partitions if "momentum_buffer" in optimizer.state[p])
                       if partitions is not None else None)
     owned = [(m.param, m.row_start) for m in optimizer.owned_matrices()]
-    report = {"momentum": momentum, "muon_partition": muon_partition, "owned": owned}
+    report = {"momentum": momentum, "muon_partition": muon_partition, "owned": owned,
+              "muon_partitions": len(optimizer._partition_exchange)}
     everyone = [None] * world_size
     dist.all_gather_object(everyone, report)
     weights = gather_weights(model)
@@ -89,10 +91,13 @@ def reference_weights(world_size: int) -> tuple[dict, list[float]]:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, "3-subgroups"])
 def test_distributed_muon_equals_one_process(stage, world_size, tmp_path):
+    # "3-subgroups": ZeRO-3 with small sub-groups, so the Muon matrices lie in several flat
+    # partitions, each stepped (and exchanged) on its own, as for models beyond 1e9 parameters.
+    zero_extra = {"sub_group_size": 4000} if stage == "3-subgroups" else None
     out = tmp_path / "result.pt"
-    run_distributed(_train_distributed, world_size, stage, str(out))
+    run_distributed(_train_distributed, world_size, 3 if zero_extra else stage, str(out), zero_extra)
     result = torch.load(out)
     reference, norms = reference_weights(world_size)
     assert min(norms) > CLIP, "clipping never acted: the test would not check it"
@@ -110,6 +115,8 @@ def test_distributed_muon_equals_one_process(stage, world_size, tmp_path):
     owned = [tuple(m) for r in result["ranks"] for m in r["owned"]]
     assert sorted(owned) == sorted(all_matrices)  # each matrix orthogonalised once, by one rank ...
     assert all(r["owned"] for r in result["ranks"])  # ... and every rank takes a share
+    if zero_extra:
+        assert all(r["muon_partitions"] > 1 for r in result["ranks"])
     for r in result["ranks"]:
         if stage == 0:  # whole parameters on every rank
             assert r["momentum"] == muon_numel
