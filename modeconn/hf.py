@@ -75,7 +75,7 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, source:
     Checks that every expected tensor is present with the right shape, naming `source` and the
     tensor otherwise.
     """
-    hf = {normalize_hf_name(k): v for k, v in hf.items() if not k.endswith(_HF_BUFFER_SUFFIXES)}
+    hf = {normalize_hf_name(k): v for k, v in hf.items() if not is_hf_buffer(k)}
     expected = expected_hf_shapes(cfg)
     if cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)  # some writers store the tied copy; wte is the one we keep
@@ -97,14 +97,23 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, source:
             if torch.count_nonzero(t):
                 raise CheckpointError(f"{source}: tensor {name!r} is non-zero but the config says bias: false")
             continue
-        if name.endswith(CONV1D_SUFFIXES):
-            t = t.t()
-        if name in ("transformer.wte.weight", "lm_head.weight") and cfg.padded_vocab_size > cfg.vocab_size:
-            t = torch.cat([t, t.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, t.shape[1])])
-        ours[name] = t.contiguous()
+        ours[name] = hf_tensor_to_ours(name, t, cfg)
     if cfg.tie_embeddings:
         ours["lm_head.weight"] = ours["transformer.wte.weight"]
     return ours
+
+
+def hf_tensor_to_ours(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """One HF tensor in our layout: Conv1D weights transposed, vocabulary rows padded."""
+    if name.endswith(CONV1D_SUFFIXES):
+        t = t.t()
+    if name in ("transformer.wte.weight", "lm_head.weight") and cfg.padded_vocab_size > cfg.vocab_size:
+        t = torch.cat([t, t.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, t.shape[1])])
+    return t.contiguous()
+
+
+def is_hf_buffer(name: str) -> bool:
+    return name.endswith(_HF_BUFFER_SUFFIXES)
 
 
 def normalize_hf_name(name: str) -> str:
@@ -229,6 +238,13 @@ def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a GPT-2 checkpoint (ours or any HF GPT-2 directory) -> (config, our state dict)."""
     path = Path(path)
     files = safetensors_files(path)
+    cfg = read_model_config(path)
+    return cfg, from_hf_state_dict(read_safetensors(files), cfg, source=str(path))
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint, from the config.json beside its weights."""
+    path = Path(path)
     cfg_file = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing; a GPT-2 checkpoint needs its config.json beside the weights")
@@ -236,8 +252,7 @@ def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         hf_cfg = json.loads(cfg_file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-    cfg = model_config_from_hf(hf_cfg, str(cfg_file))
-    return cfg, from_hf_state_dict(read_safetensors(files), cfg, source=str(path))
+    return model_config_from_hf(hf_cfg, str(cfg_file))
 
 
 def load_model(path: Path) -> GPT:

@@ -1,0 +1,111 @@
+"""Checkpoints opened memory-mapped, and path points built from them one tensor at a time.
+
+A `WeightSource` is a GPT-2 checkpoint (our export, any HF GPT-2 directory, a sharded index, or a
+.safetensors file with config.json beside it) opened with safetensors' memory map: names and
+shapes come from the file headers; a tensor is read only when asked for. `check_compatible`
+compares sources before anything is evaluated, so a bad pair fails at once, naming the file and
+the tensor. `load_point` writes θ = Σ c_i θ_i into one resident model parameter by parameter: the
+only full copy of the weights is the model's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from modeconn.errors import CheckpointError
+from modeconn.hf import (expected_hf_shapes, hf_tensor_to_ours, is_hf_buffer, normalize_hf_name, read_model_config,
+                         safetensors_files)
+from modeconn.model import GPT, ModelConfig
+
+# Settings that do not change the function a checkpoint computes at evaluation.
+_IRRELEVANT_TO_EVALUATION = ("dropout",)
+
+
+class WeightSource:
+    """One checkpoint, memory-mapped. `tensor(name)` reads one tensor (HF name and layout) as fp32."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config: ModelConfig = read_model_config(self.path)
+        self._where: dict[str, tuple[object, str, Path]] = {}  # HF name -> (open file, key in it, file)
+        for f in safetensors_files(self.path):
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+            for key in handle.keys():
+                if not is_hf_buffer(key):
+                    self._where[normalize_hf_name(key)] = (handle, key, f)
+        if self.config.tie_embeddings:
+            self._where.pop("lm_head.weight", None)  # some writers store the tied copy; wte is the one
+        self.shapes = {name: tuple(h.get_slice(k).get_shape()) for name, (h, k, _) in self._where.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        handle, key, f = self._where[name]
+        try:
+            return handle.get_tensor(key).float()
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from None
+
+    def __repr__(self) -> str:
+        return f"WeightSource({self.path})"
+
+
+def _evaluation_config(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for key in _IRRELEVANT_TO_EVALUATION:
+        d.pop(key, None)
+    return d
+
+
+def check_compatible(sources: Sequence[WeightSource]) -> ModelConfig:
+    """Every source holds the same architecture with every tensor, at the right shape; the
+    first source's config (the one to evaluate with) is returned. Raises CheckpointError naming
+    the file and the setting or tensor at fault."""
+    first = sources[0]
+    reference = _evaluation_config(first.config)
+    for s in sources[1:]:
+        other = _evaluation_config(s.config)
+        differ = [k for k in reference if reference[k] != other.get(k)]
+        if differ:
+            detail = ", ".join(f"{k}: {reference[k]} vs {other.get(k)}" for k in differ)
+            raise CheckpointError(f"{s.path} and {first.path} are different models ({detail})")
+    expected = expected_hf_shapes(first.config)
+    for s in sources:
+        missing = [k for k in expected if k not in s.shapes]
+        if missing:
+            raise CheckpointError(f"{s.path}: missing tensor(s) {', '.join(missing[:5])}"
+                                  f"{' ...' if len(missing) > 5 else ''}")
+        extra = [k for k in s.shapes if k not in expected]
+        if extra:
+            raise CheckpointError(f"{s.path}: unexpected tensor(s) {', '.join(extra[:5])} for this GPT-2 config")
+        for name, shape in expected.items():
+            if s.shapes[name] != shape:
+                raise CheckpointError(f"{s.path}: tensor {name!r} has shape {s.shapes[name]}, expected {shape} "
+                                      f"(HF layout)")
+    return first.config
+
+
+def combine(sources: Sequence[WeightSource], coefficients: Sequence[tuple[int, float]], name: str) -> torch.Tensor:
+    """Σ c_i θ_i[name] in fp32, summed in the order given (so a point equals its formula exactly)."""
+    total = None
+    for index, c in coefficients:
+        term = sources[index].tensor(name) * c
+        total = term if total is None else total.add_(term)
+    return total
+
+
+@torch.no_grad()
+def load_point(model: GPT, sources: Sequence[WeightSource], coefficients: Sequence[tuple[int, float]]) -> None:
+    """Write the path point Σ c_i θ_i into `model`, one tensor at a time (HF layout converted to ours)."""
+    cfg = model.config
+    params = dict(model.named_parameters())
+    for name in expected_hf_shapes(cfg):
+        if name.endswith("bias") and not cfg.bias:
+            continue
+        params[name].copy_(hf_tensor_to_ours(name, combine(sources, coefficients, name), cfg))
