@@ -52,6 +52,21 @@ def init_distributed() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK anyway."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank="):
+            continue
+        elif a == "--local_rank":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:

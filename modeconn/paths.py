@@ -73,3 +73,8 @@ def t_grid(step: float = 0.1) -> list[float]:
     if not math.isclose(n * step, 1.0, rel_tol=1e-9):
         raise ConfigError(f"t step {step} does not divide [0, 1] evenly; give the points as a list instead")
     return [round(i / n, 12) for i in range(n + 1)]
+
+
+def path_slug(name: str) -> str:
+    """A path's name as a file or directory name."""
+    return name.replace("/", "_").replace(":", "_")

@@ -27,7 +27,8 @@ from modeconn import config as config_lib
 from modeconn.checkpoint import COMPLETE, Checkpointer, latest_tag, tag_for
 from modeconn.config import DataConfig, SeedConfig
 from modeconn.data.loader import TokenWindows, TrainLoader, ValidationSet
-from modeconn.distributed import World, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
+from modeconn.distributed import (World, all_reduce_sum, any_rank, barrier, init_distributed, shutdown,
+                                  strip_launcher_args)
 from modeconn.errors import CheckpointError, ConfigError, ModeconnError
 from modeconn.export import TRAINER_STATE, export, load_optimizer_state, read_trainer_state
 from modeconn.hf import load_hf
@@ -428,21 +429,6 @@ class Trainer:
 def exported_step(export_dir: Path) -> Optional[int]:
     meta = export_dir / "modeconn_meta.json"
     return json.loads(meta.read_text())["step"] if meta.is_file() else None
-
-
-def strip_launcher_args(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK anyway."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a.startswith("--local_rank="):
-            continue
-        elif a == "--local_rank":
-            skip = True
-        else:
-            out.append(a)
-    return out
 
 
 def run(cfg: TrainConfig) -> dict:

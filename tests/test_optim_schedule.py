@@ -11,7 +11,8 @@ from modeconn.optim import OptimConfig, build_optimizer, param_groups
 from modeconn.optim.lion import Lion
 from modeconn.optim.roles import parameter_roles
 from modeconn.schedule import ScheduleConfig, lr_multiplier
-from modeconn.train import TrainConfig, deepspeed_config, strip_launcher_args
+from modeconn.distributed import strip_launcher_args
+from modeconn.train import TrainConfig, deepspeed_config
 
 
 @pytest.mark.parametrize("tie", [True, False])

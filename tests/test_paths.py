@@ -129,3 +129,47 @@ def test_a_convex_model_has_no_linear_barrier():
     ts = t_grid(0.05)
     values = [loss(x @ ((1 - t) * ends[0] + t * ends[1]), y).item() for t in ts]
     assert barriers(ts, values)["linear"] <= 1e-6
+
+
+def test_spectra_of_a_matrix_with_known_singular_values():
+    from modeconn.spectra import spectrum_distance, summarize
+
+    s = torch.tensor([4.0, 2.0, 2.0, 1.0] + [0.5] * 16)
+    summary = summarize(s)
+    assert summary["spectral_norm"] == 4.0
+    assert summary["stable_rank"] == pytest.approx((16 + 4 + 4 + 1 + 16 * 0.25) / 16)
+    assert summary["condition"] == pytest.approx(4.0 / 0.5)
+    p = s.double() / s.sum()
+    assert summary["effective_rank"] == pytest.approx(torch.exp(-(p * p.log()).sum()).item())
+    assert summarize(torch.ones(10))["effective_rank"] == pytest.approx(10.0)  # flat spectrum: full rank
+    assert spectrum_distance(s * 1.1, s) == pytest.approx(0.1)
+
+    from modeconn.spectra import singular_values
+    q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    r, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    w = (q[:, :8] * torch.tensor([8.0, 7, 6, 5, 4, 3, 2, 1], dtype=torch.float64)) @ r.T
+    model = GPT(ModelConfig.from_preset("tiny", n_layer=1, n_embd=8, n_head=2, n_inner=20, vocab_size=50,
+                                        block_size=8))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.copy_(w.float())
+    got = singular_values(model)["h.0.fc"]
+    assert torch.allclose(got, torch.tensor([8.0, 7, 6, 5, 4, 3, 2, 1]), atol=1e-5)
+
+
+def test_q_k_v_split_matches_gpt2s_layout(tmp_path):
+    """Our q, k, v matrices, applied to x, give what HF's GPT-2 attention splits its c_attn output into."""
+    from transformers import GPT2LMHeadModel
+
+    from modeconn.spectra import weight_matrices
+
+    cfg, (d,) = _checkpoints(tmp_path, 1)
+    model = GPT(cfg)
+    model.load_state_dict(load_hf(d)[1])
+    hf = GPT2LMHeadModel.from_pretrained(d)
+    x = torch.randn(3, cfg.n_embd)
+    hf_q, hf_k, hf_v = hf.transformer.h[1].attn.c_attn(x).split(cfg.n_embd, dim=-1)
+    mats, bias = weight_matrices(model), model.transformer.h[1].attn.c_attn.bias
+    n = cfg.n_embd
+    for ours, theirs, b in ((mats["h.1.q"], hf_q, bias[:n]), (mats["h.1.k"], hf_k, bias[n:2 * n]),
+                            (mats["h.1.v"], hf_v, bias[2 * n:])):
+        assert torch.allclose(x @ ours.T + b, theirs, atol=1e-6)

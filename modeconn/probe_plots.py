@@ -1,0 +1,84 @@
+"""PNG plots of a probe batch: loss and error along the paths (endpoints marked), barriers by
+group, stable rank of every matrix along each path, spectra histograms at chosen t."""
+
+from __future__ import annotations
+
+from pathlib import Path as FilePath
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from modeconn.paths import path_slug  # noqa: E402
+
+
+def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg) -> None:
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    groups = list(dict.fromkeys(p.group for p in paths))
+    for group in groups:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for p in (p for p in paths if p.group == group):
+            rows = by_path[p.name]
+            ts = [r["t"] for r in rows]
+            for ax, metric in zip(axes, ("loss", "token_error")):
+                line, = ax.plot(ts, [r[metric] for r in rows], marker=".", label=p.name)
+                ends = [r for r in rows if r["t"] in (0.0, 1.0)]
+                ax.scatter([r["t"] for r in ends], [r[metric] for r in ends], s=60, color=line.get_color(), zorder=3)
+        for ax, label in zip(axes, ("validation loss (nats)", "token error")):
+            ax.set_xlabel("t")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{group}: along each path (endpoints marked)")
+        fig.tight_layout()
+        fig.savefig(plots / f"paths_{path_slug(group)}.png", dpi=110)
+        plt.close(fig)
+
+    with_barriers = [e for e in table if "loss_barrier" in e]
+    if with_barriers:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(with_barriers) + 2))
+        labels = [f"[{e['group']}] {e['path']}" for e in with_barriers]
+        for ax, metric in zip(axes, ("loss_barrier", "token_error_barrier")):
+            ax.barh(labels, [e[metric] for e in with_barriers])
+            ax.set_xlabel(metric.replace("_", " "))
+            ax.tick_params(axis="y", labelsize=7)
+        axes[1].set_yticklabels([])
+        fig.suptitle("barriers (against the line between endpoint values), by group")
+        fig.tight_layout()
+        fig.savefig(plots / "barriers.png", dpi=110)
+        plt.close(fig)
+
+    if not spectra_cfg.enabled:
+        return
+    for p in paths:
+        rows = [r for r in by_path[p.name] if "spectra" in r]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for matrix in rows[0]["spectra"]:
+            ax.plot([r["t"] for r in rows], [r["spectra"][matrix]["stable_rank"] for r in rows], label=matrix, lw=1)
+        ax.set_xlabel("t")
+        ax.set_ylabel("stable rank ‖W‖F² / ‖W‖2²")
+        ax.set_title(f"{p.name}: stable rank per matrix", fontsize=9)
+        ax.legend(fontsize=6, ncol=3)
+        fig.tight_layout()
+        fig.savefig(plots / f"stable_rank_{path_slug(p.name)}.png", dpi=110)
+        plt.close(fig)
+        folder = out / "spectra" / path_slug(p.name)
+        files = [(t, folder / f"t_{t:.4f}.safetensors") for t in spectra_cfg.histogram_at]
+        files = [(t, f) for t, f in files if f.is_file()]
+        if files:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for t, f in files:
+                values = [v for s in load_file(str(f)).values() for v in s.tolist()]
+                ax.hist(values, bins=60, histtype="step", label=f"t={t:g}")
+            ax.set_xlabel("singular value (all matrices)")
+            ax.set_ylabel("count")
+            ax.set_title(f"{p.name}: spectra", fontsize=9)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(plots / f"spectra_{path_slug(p.name)}.png", dpi=110)
+            plt.close(fig)

@@ -1,0 +1,88 @@
+"""probe.py end to end on small random checkpoints: sharded over 2 ranks it writes the 1-rank rows;
+a batch cut off mid-way resumes without duplicates or losses; bad input fails before evaluating."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_token_dir
+from modeconn.hf import save_hf
+from modeconn.model import GPT, ModelConfig
+from train_runner import command, env
+
+VOCAB = 211
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    gen = np.random.default_rng(0)
+    data = write_token_dir(root / "data", {"train": [gen.integers(0, VOCAB, 4000).astype(np.uint16)],
+                                           "val": [gen.integers(0, VOCAB, 2000).astype(np.uint16)]})
+    cfg = ModelConfig.from_preset("tiny", n_embd=32, n_head=2, n_inner=64, vocab_size=VOCAB, block_size=32)
+    runs = {}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        save_hf(GPT(cfg), cfg, root / f"run{seed}")
+        runs[f"r{seed}"] = str(root / f"run{seed}")
+    return root, data, runs
+
+
+def probe(out, data, runs, nproc=1, check=True, **overrides):
+    args = {"runs": json.dumps(runs), "data.dir": data, "data.val_windows": 12, "data.eval_batch_size": 4,
+            "t_values": "[0.0, 0.25, 0.5, 0.75, 1.0]", "out_dir": out, "plots": "false"}
+    args.update(overrides)
+    cmd = command(nproc, "python" if nproc == 1 else "torchrun", "probe.py") + [f"--{k}={v}" for k, v in args.items()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"probe.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def rows(out):
+    result = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for r in result:
+        r.pop("seconds")
+    return sorted(result, key=lambda r: (r["path"], r["t"]))
+
+
+def test_two_ranks_write_the_one_rank_rows_and_a_summary(setup):
+    root, data, runs = setup
+    probe(root / "one", data, runs, plots="true")
+    probe(root / "two", data, runs, nproc=2)
+    one, two = rows(root / "one"), rows(root / "two")
+    assert len(one) == 3 * 5 and one == two  # row for row, spectra summaries included
+    assert {r["path"] for r in one} == {"r0--r1", "r0--r2", "r1--r2"}
+    assert one[0]["spectra"]["h.0.q"]["stable_rank"] > 1
+    summary = (root / "one" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 4 and "loss_barrier" in summary[0] and "path_length" in summary[0]
+    assert (root / "one" / "plots" / "barriers.png").stat().st_size > 1000
+    assert (root / "one" / "spectra" / "r0--r1" / "t_0.5000.safetensors").is_file()
+
+
+def test_a_cut_off_batch_resumes_without_duplicates(setup):
+    root, data, runs = setup
+    out = root / "cut"
+    probe(out, data, runs)
+    complete = rows(out)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:40])  # killed mid-write
+    again = probe(out, data, runs)
+    assert "6 done before, 9 to go" in again.stdout
+    assert rows(out) == complete
+
+
+def test_bad_input_fails_before_evaluation(setup, tmp_path):
+    root, data, runs = setup
+    cfg = ModelConfig.from_preset("tiny", n_layer=3, n_embd=32, n_head=2, n_inner=64, vocab_size=VOCAB, block_size=32)
+    save_hf(GPT(cfg), cfg, tmp_path / "deeper")
+    proc = probe(tmp_path / "out", data, dict(runs, deep=str(tmp_path / "deeper")), check=False)
+    assert proc.returncode == 2 and "are different models (n_layer: 2 vs 3)" in proc.stderr
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+    probe(tmp_path / "ok", data, {"a": runs["r0"], "b": runs["r1"]})
+    proc = probe(tmp_path / "ok", data, {"a": runs["r0"], "b": runs["r1"]}, check=False, **{"data.val_windows": 8})
+    assert proc.returncode == 2 and "was run with other data settings" in proc.stderr
