@@ -130,8 +130,10 @@ class Prober:
     def __init__(self, cfg: ProbeConfig, world: World):
         self.cfg, self.world, self.out = cfg, world, FilePath(cfg.out_dir)
         self.paths = expand_paths(cfg)
-        self.ts = [float(t) for t in cfg.t_values] if cfg.t_values else t_grid(cfg.t_step)
-        points = list(dict.fromkeys(p for np_ in self.paths for p in np_.path.points))
+        self.ts = sorted({float(t) for t in cfg.t_values}) if cfg.t_values else t_grid(cfg.t_step)
+        if not 0.0 <= self.ts[0] <= self.ts[-1] <= 1.0:
+            raise ConfigError(f"t_values must lie in [0, 1] (got {cfg.t_values})")
+        points = list(dict.fromkeys(p for named in self.paths for p in named.path.points))
         self.sources = {p: WeightSource(FilePath(p)) for p in points}  # opened, checked: before any evaluation
         self.model_cfg = check_compatible(list(self.sources.values()))
         self.model = GPT(self.model_cfg).to(world.device).eval()
