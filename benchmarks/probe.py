@@ -34,6 +34,19 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_split_mb() -> dict:
+    """Resident memory now, split into anonymous (tensors) and file-backed (memory-mapped
+    checkpoints: page cache the kernel can drop) — peak RSS counts both."""
+    out = {}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[f"{key.lower()}_mb_at_end"] = int(value.split()[0]) / 1024
+    return out
+
+
 def _batches(data: str, block: int, windows: int, batch: int):
     from modeconn.data.loader import TokenWindows, ValidationSet
 
@@ -53,7 +66,7 @@ def measure(kind: str, args, a: str, b: str) -> dict:
         model = load_model(Path(a)).eval()
         start = time.perf_counter()
         evaluate_lm(lambda x: model(x)[0], batches)
-        return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_mb()}
+        return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_mb(), **_rss_split_mb()}
     if kind.startswith("probe"):
         from modeconn.config import DataConfig
         from modeconn.distributed import World
@@ -70,7 +83,7 @@ def measure(kind: str, args, a: str, b: str) -> dict:
             total = time.perf_counter() - start
             rows = [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
         return {"points": points, "seconds_per_point": sum(r["seconds"] for r in rows) / len(rows),
-                "seconds_total_with_summary": total, "peak_rss_mb": _peak_mb()}
+                "seconds_total_with_summary": total, "peak_rss_mb": _peak_mb(), **_rss_split_mb()}
     if kind == "spectra":
         from modeconn.hf import load_model
         from modeconn.spectra import singular_values, summarize
@@ -93,7 +106,7 @@ def measure(kind: str, args, a: str, b: str) -> dict:
             with torch.no_grad():
                 evaluate_lm(lambda x: model(x).logits, batches)
             times.append(time.perf_counter() - start)
-        return {"seconds_per_point": sum(times) / len(times), "peak_rss_mb": _peak_mb()}
+        return {"seconds_per_point": sum(times) / len(times), "peak_rss_mb": _peak_mb(), **_rss_split_mb()}
     raise ValueError(kind)
 
 
