@@ -167,8 +167,7 @@ class Prober:
 
     def run(self) -> dict:
         results = self.out / "results.jsonl"
-        if self.world.is_main:
-            self._check_or_save_config()
+        self._check_or_save_config()
         barrier()
         rows = _read_rows(results)
         done = {(r["path"], r["t"]) for r in rows}
@@ -206,8 +205,8 @@ class Prober:
         return tqdm(total=total, desc="probe points", unit="pt", disable=not self.world.is_main, dynamic_ncols=True)
 
     def _check_or_save_config(self) -> None:
-        """A batch resumed with other data or spectra settings would mix incomparable rows: refused."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """A batch resumed with other data or spectra settings would mix incomparable rows: refused
+        (every rank checks, so all of them stop); rank 0 saves the config."""
         path = self.out / "probe_config.yaml"
         current = config_lib.to_dict(self.cfg)
         if path.is_file():
@@ -218,7 +217,10 @@ class Prober:
                 if saved.get(key) != current.get(key):
                     raise ModeconnError(f"{path}: this batch was run with other {key} settings ({saved.get(key)}); "
                                         f"use another out_dir to probe with {current.get(key)}")
-        config_lib.save(self.cfg, path)
+        barrier()
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            config_lib.save(self.cfg, path)
 
     # --- summaries and plots ----------------------------------------------------------------------------
 
