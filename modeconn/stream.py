@@ -22,8 +22,9 @@ from modeconn.hf import (expected_hf_shapes, hf_tensor_to_ours, is_hf_buffer, no
                          safetensors_files)
 from modeconn.model import GPT, ModelConfig
 
-# Settings that do not change the function a checkpoint computes at evaluation.
-_IRRELEVANT_TO_EVALUATION = ("dropout",)
+# Settings that do not change the function a checkpoint computes at evaluation (a preset's name,
+# dropout, the init scale, embedding padding rows; n_inner None and 4d are the same width).
+_IRRELEVANT_TO_EVALUATION = ("preset", "dropout", "init_std", "pad_vocab_to", "n_inner")
 
 
 class WeightSource:
@@ -60,6 +61,7 @@ def _evaluation_config(cfg: ModelConfig) -> dict:
     d = dataclasses.asdict(cfg)
     for key in _IRRELEVANT_TO_EVALUATION:
         d.pop(key, None)
+    d["ffn_width"] = cfg.ffn_width
     return d
 
 
