@@ -9,10 +9,11 @@ from conftest import ROOT
 from modeconn import config as config_lib
 from modeconn.data.prepare import PrepareConfig
 from modeconn.evaluate import EvaluateConfig
+from modeconn.probe import ProbeConfig
 from modeconn.train import TrainConfig
 from train_runner import env, losses
 
-CONFIG_KINDS = {"train": TrainConfig, "data": PrepareConfig, "eval": EvaluateConfig}
+CONFIG_KINDS = {"train": TrainConfig, "data": PrepareConfig, "eval": EvaluateConfig, "probe": ProbeConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
