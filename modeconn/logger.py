@@ -21,6 +21,21 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
+def start_wandb(out_dir: Path, wandb_cfg: WandbConfig, config: dict):
+    """A wandb run for out_dir (None when disabled). Its id is kept in out_dir/wandb_run_id, so
+    that a resumed job continues the same wandb run."""
+    if wandb_cfg.mode == "disabled":
+        return None
+    import wandb
+
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    atomic_write_text(id_file, run_id)
+    return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, id=run_id, resume="allow",
+                      name=wandb_cfg.run_name or out_dir.resolve().name, tags=wandb_cfg.tags,
+                      config=config, mode=wandb_cfg.mode, dir=str(out_dir))
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, wandb_cfg: WandbConfig, config: dict, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -29,15 +44,7 @@ class MetricsLogger:
         if not enabled:
             return
         self._drop_rows_after(resume_step)
-        if wandb_cfg.mode != "disabled":
-            import wandb
-
-            id_file = Path(out_dir) / "wandb_run_id"  # a resumed run continues the same wandb run
-            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-            atomic_write_text(id_file, run_id)
-            self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, id=run_id, resume="allow",
-                                    name=wandb_cfg.run_name or Path(out_dir).resolve().name, tags=wandb_cfg.tags,
-                                    config=config, mode=wandb_cfg.mode, dir=str(out_dir))
+        self.wandb = start_wandb(Path(out_dir), wandb_cfg, config)
 
     def _drop_rows_after(self, step: int) -> None:
         """On resume, rows logged after the checkpoint by the killed run would repeat: drop them."""

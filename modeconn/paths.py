@@ -65,6 +65,28 @@ def plane_coefficients(alpha: float, beta: float) -> Coefficients:
     return [(0, 1.0 - alpha - beta), (1, alpha), (2, beta)]
 
 
+@dataclass(frozen=True)
+class Plane:
+    """The plane through three checkpoints (A, B, C): A at (0, 0), B at (1, 0), C at (0, 1)."""
+
+    points: tuple[str, ...]
+    kind = "plane"
+
+    def __post_init__(self):
+        if len(self.points) != 3:
+            raise ConfigError(f"a plane needs 3 points (A, B, C), got {len(self.points)}: {', '.join(self.points)}")
+
+    def coefficients(self, alpha: float, beta: float) -> Coefficients:
+        return plane_coefficients(alpha, beta)
+
+
+def axis_grid(low: float, high: float, resolution: int) -> list[float]:
+    """`resolution` evenly spaced values from low to high, both included (rounded like t_grid)."""
+    if resolution < 2 or not low < high:
+        raise ConfigError(f"a grid needs low < high and 2 or more points (got {low}..{high}, {resolution})")
+    return [round(low + (high - low) * i / (resolution - 1), 12) for i in range(resolution)]
+
+
 def t_grid(step: float = 0.1) -> list[float]:
     """0, step, ..., 1 (both ends included; values rounded so that 0.1 * 3 is 0.3)."""
     if not 0 < step <= 1:

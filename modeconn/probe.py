@@ -6,12 +6,16 @@ distances, and per-layer singular-value spectra.
 
 Paths come from the config: `runs` (every pair of the listed checkpoints, as a straight line,
 grouped same-optimizer / cross-optimizer by the optimizer their export records), `paths` (linear,
-chain or bezier through given points) and `stars` (a centre to each anchor). See modeconn/paths.py
-for the t convention. Work items (path, t) go round-robin to the ranks; each rank streams θ(t)
-into its one resident model (modeconn/stream.py) and evaluates it on the fixed validation
-windows; rank 0 appends the rows of each round to out_dir/results.jsonl. Run again, finished
-points are skipped. At the end rank 0 writes summary.csv (barriers, distances per path),
-spectra_distances.csv and plots/.
+chain or bezier through given points), `stars` (a centre to each anchor) and `planes` (a grid of
+(α, β) on the plane through three checkpoints; loss and error only). See modeconn/paths.py for the
+t convention. Each rank streams a point into its one resident model (modeconn/stream.py) and
+evaluates it on the fixed validation windows. Work is shared (`shard`) by points, one per rank
+and round ("items"), or by validation batches and matrices, every rank on the same point
+("batches": for a large model or a few points); "auto" takes points while there are enough for
+every rank and batches for the rest. Rows are bitwise the same either way. Rank 0 appends the rows
+of each round to out_dir/results.jsonl; run again, finished points are skipped. At the end rank 0
+writes summary.csv (barriers, distances per path), spectra_distances.csv and plots/; `save_points`
+also writes θ(t) as checkpoints, and `wandb` logs rows, summary and plots.
 """
 
 from __future__ import annotations
@@ -25,24 +29,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from modeconn import config as config_lib
+from modeconn.align import AlignConfig, align_checkpoints
 from modeconn.atomic import atomic_write_text
 from modeconn.barrier import barriers
 from modeconn.config import DataConfig
 from modeconn.data.loader import TokenWindows, ValidationSet
 from modeconn.distributed import World, barrier, init_distributed, shutdown, strip_launcher_args
 from modeconn.errors import ConfigError, ModeconnError
-from modeconn.metrics import evaluate_lm
+from modeconn.logger import WandbConfig, start_wandb
+from modeconn.metrics import batch_sums
 from modeconn.model import GPT
-from modeconn.paths import Path, PathKind, path_slug, star, t_grid
-from modeconn.spectra import singular_values, spectrum_distance, summarize
-from modeconn.stream import WeightSource, check_compatible, combine, load_point
+from modeconn.paths import Path, PathKind, Plane, axis_grid, path_slug, star, t_grid
+from modeconn.spectra import spectrum_distance, summarize, svdvals, weight_matrices
+from modeconn.stream import WeightSource, check_compatible, combine, load_point, write_point
 
 
 @dataclass
@@ -62,6 +68,15 @@ class StarSpec:
 
 
 @dataclass
+class PlaneSpec:
+    name: str = ""
+    points: list[str] = field(default_factory=list)  # checkpoints A, B, C: at (0, 0), (1, 0), (0, 1)
+    range: list[float] = field(default_factory=lambda: [-0.25, 1.25])  # α and β from, to
+    resolution: int = 7  # grid points per axis
+    group: str = "plane"
+
+
+@dataclass
 class SpectraConfig:
     enabled: bool = True
     embeddings: bool = False  # also the token and position embeddings
@@ -74,11 +89,16 @@ class ProbeConfig:
     runs: dict = field(default_factory=dict)  # {label: checkpoint}: every pair as a linear path
     paths: list[PathSpec] = field(default_factory=list)
     stars: list[StarSpec] = field(default_factory=list)
+    planes: list[PlaneSpec] = field(default_factory=list)
     t_step: float = 0.1  # the t grid 0, t_step, ..., 1
     t_values: Optional[list[float]] = None  # or these t (must include 0 and 1 for barriers)
     data: DataConfig = field(default_factory=DataConfig)
     spectra: SpectraConfig = field(default_factory=SpectraConfig)
+    align: Optional[AlignConfig] = None  # given: each `runs` pair is also probed with B aligned to A (align.py)
+    save_points: list[float] = field(default_factory=list)  # write θ(t) of every path at these t (out_dir/points/)
+    shard: Literal["auto", "items", "batches"] = "auto"
     plots: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     out_dir: str = "out/probe"
 
 
@@ -86,7 +106,25 @@ class ProbeConfig:
 class NamedPath:
     name: str
     group: str
-    path: Path
+    path: Union[Path, Plane]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One point: t on a path, (α, β) on a plane."""
+    named: NamedPath
+    at: tuple[float, ...]
+
+    @property
+    def key(self) -> tuple:
+        return (self.named.name, *self.at)
+
+    def coordinates(self) -> dict:
+        return {"t": self.at[0]} if len(self.at) == 1 else {"alpha": self.at[0], "beta": self.at[1]}
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["path"], row["t"]) if "t" in row else (row["path"], row["alpha"], row["beta"])
 
 
 def _optimizer_of(checkpoint: str) -> str:
@@ -97,21 +135,34 @@ def _optimizer_of(checkpoint: str) -> str:
 def expand_paths(cfg: ProbeConfig) -> list[NamedPath]:
     out = []
     for (a, pa), (b, pb) in itertools.combinations(cfg.runs.items(), 2):
-        same = _optimizer_of(pa) == _optimizer_of(pb)
-        out.append(NamedPath(f"{a}--{b}", "same-optimizer" if same else "cross-optimizer", Path("linear", (pa, pb))))
+        group = "same-optimizer" if _optimizer_of(pa) == _optimizer_of(pb) else "cross-optimizer"
+        out.append(NamedPath(f"{a}--{b}", group, Path("linear", (pa, pb))))
+        if cfg.align is not None:
+            a_form, b_aligned = aligned_pair(cfg, a, b)
+            out.append(NamedPath(f"{a}--{b}:aligned", f"{group}, aligned",
+                                 Path("linear", (str(a_form) if cfg.align.residual else pa, str(b_aligned)))))
     for spec in cfg.paths:
         out.append(NamedPath(spec.name or "--".join(FilePath(p).name for p in spec.points), spec.group,
                              Path(spec.kind, tuple(spec.points))))
     for spec in cfg.stars:
         for i, path in enumerate(star(spec.centre, spec.anchors)):
             out.append(NamedPath(f"{spec.name or 'star'}/{i}:{FilePath(path.points[1]).name}", spec.group, path))
+    for spec in cfg.planes:
+        out.append(NamedPath(spec.name or "plane:" + "--".join(FilePath(p).name for p in spec.points), spec.group,
+                             Plane(tuple(spec.points))))
     names = [p.name for p in out]
     if not out:
-        raise ConfigError("nothing to probe: give runs (every pair), paths or stars")
+        raise ConfigError("nothing to probe: give runs (every pair), paths, stars or planes")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"path names must be unique; repeated: {', '.join(duplicates)}")
     return out
+
+
+def aligned_pair(cfg: ProbeConfig, a: str, b: str) -> tuple[FilePath, FilePath]:
+    """Where the pair (a, b) of `runs` is kept aligned: A in canonical form (with align.residual), B aligned to A."""
+    folder = FilePath(cfg.out_dir) / "aligned" / f"{a}--{b}"
+    return folder / a, folder / b
 
 
 def _read_rows(results: FilePath) -> list[dict]:
@@ -131,8 +182,14 @@ class Prober:
         self.cfg, self.world, self.out = cfg, world, FilePath(cfg.out_dir)
         self.paths = expand_paths(cfg)
         self.ts = sorted({float(t) for t in cfg.t_values}) if cfg.t_values else t_grid(cfg.t_step)
-        if not 0.0 <= self.ts[0] <= self.ts[-1] <= 1.0:
-            raise ConfigError(f"t_values must lie in [0, 1] (got {cfg.t_values})")
+        for what, values in (("t_values", self.ts), ("save_points", cfg.save_points)):
+            if values and not 0.0 <= min(values) <= max(values) <= 1.0:
+                raise ConfigError(f"{what} must lie in [0, 1] (got {values})")
+        self.items = [WorkItem(p, (t,)) for p in self.paths if p.path.kind != "plane" for t in self.ts]
+        for spec, named in zip(cfg.planes, [p for p in self.paths if p.path.kind == "plane"]):
+            grid = axis_grid(spec.range[0], spec.range[-1], spec.resolution)
+            self.items += [WorkItem(named, (a, b)) for b in grid for a in grid]
+        self._write_alignments()
         points = list(dict.fromkeys(p for named in self.paths for p in named.path.points))
         self.sources = {p: WeightSource(FilePath(p)) for p in points}  # opened, checked: before any evaluation
         self.model_cfg = check_compatible(list(self.sources.values()))
@@ -141,27 +198,65 @@ class Prober:
                             cfg.data.val_windows or None)
         self.val_batches = [(x.to(world.device), y.to(world.device)) for x, y in val.batches(cfg.data.eval_batch_size)]
         self.n_windows = len(val)
+        self.wandb = None
+
+    def _write_alignments(self) -> None:
+        """B aligned to A for every `runs` pair (once: kept in out_dir/aligned/), spread over the ranks."""
+        if self.cfg.align is None:
+            return
+        pairs = [(a, b) for a, b in itertools.combinations(self.cfg.runs, 2)
+                 if not aligned_pair(self.cfg, a, b)[1].exists()]
+        for a, b in pairs[self.world.rank::self.world.world_size]:
+            a_form, b_aligned = aligned_pair(self.cfg, a, b)
+            report = align_checkpoints(FilePath(self.cfg.runs[a]), FilePath(self.cfg.runs[b]), b_aligned, self.cfg.align,
+                                       a_form if self.cfg.align.residual else None)
+            print(f"probe: aligned {b} to {a} in {report['seconds']:.1f} s, similarity "
+                  f"{report['similarity_before']:.4g} -> {report['similarity_after']:.4g}", flush=True)
+        barrier()
 
     # --- one point ---------------------------------------------------------------------------------
+    # A point is measured in parts (validation batches, matrices), so that one rank can do all of
+    # them or every rank a share; the row is assembled from the parts in one fixed order, and is
+    # bitwise the same however the parts were spread.
 
-    def evaluate_point(self, item: NamedPath, t: float) -> dict:
+    def measure(self, item: WorkItem, share: int = 0, shares: int = 1) -> dict:
+        """Build the point; measure every `shares`-th batch and matrix, from `share` on."""
         start = time.perf_counter()
-        sources = [self.sources[p] for p in item.path.points]
-        load_point(self.model, sources, item.path.coefficients(t))
-        metrics = evaluate_lm(lambda x: self.model(x)[0], self.val_batches)
-        row = {"path": item.name, "group": item.group, "kind": item.path.kind, "points": list(item.path.points),
-               "t": t, "loss": metrics["loss"], "token_error": metrics["token_error"], "tokens": metrics["tokens"]}
-        if self.cfg.spectra.enabled:
-            spectra = singular_values(self.model, self.cfg.spectra.embeddings)
+        sources = [self.sources[p] for p in item.named.path.points]
+        load_point(self.model, sources, item.named.path.coefficients(*item.at))
+        batches = {i: batch_sums(self.model(x)[0], y) for i, (x, y) in enumerate(self.val_batches)
+                   if i % shares == share}
+        spectra = {}
+        if self.cfg.spectra.enabled and item.named.path.kind != "plane":
+            matrices = weight_matrices(self.model, self.cfg.spectra.embeddings)
+            spectra = {name: svdvals(w) for i, (name, w) in enumerate(matrices.items()) if i % shares == share}
+        return {"batches": batches, "spectra": spectra, "seconds": time.perf_counter() - start}
+
+    def assemble(self, item: WorkItem, parts: list[dict]) -> dict:
+        batches = {i: sums for part in parts for i, sums in part["batches"].items()}
+        loss_sum, errors, tokens = 0.0, 0, 0
+        for i in range(len(self.val_batches)):  # in batch order, as one process sums them
+            loss_sum, errors, tokens = loss_sum + batches[i][0], errors + batches[i][1], tokens + batches[i][2]
+        row = {"path": item.named.name, "group": item.named.group, "kind": item.named.path.kind,
+               "points": list(item.named.path.points), **item.coordinates(),
+               "loss": loss_sum / tokens, "token_error": errors / tokens, "tokens": tokens}
+        spectra = {name: s for part in parts for name, s in part["spectra"].items()}
+        if spectra:
+            order = weight_matrices(self.model, self.cfg.spectra.embeddings)
+            spectra = {name: spectra[name] for name in order}
             row["spectra"] = {name: summarize(s) for name, s in spectra.items()}
             if self.cfg.spectra.save_singular_values:
-                target = self.out / "spectra" / path_slug(item.name) / f"t_{t:.4f}.safetensors"
+                target = self.out / "spectra" / path_slug(item.named.name) / f"t_{item.at[0]:.4f}.safetensors"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_suffix(f".tmp{self.world.rank}")
                 save_file({k: v.contiguous() for k, v in spectra.items()}, str(tmp))
                 os.replace(tmp, target)
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = max(part["seconds"] for part in parts)
         return row
+
+    def evaluate_point(self, item: WorkItem) -> dict:
+        """The whole point on this rank."""
+        return self.assemble(item, [self.measure(item)])
 
     # --- the batch -----------------------------------------------------------------------------------
 
@@ -170,34 +265,71 @@ class Prober:
         self._check_or_save_config()
         barrier()
         rows = _read_rows(results)
-        done = {(r["path"], r["t"]) for r in rows}
-        todo = [(p, t) for p in self.paths for t in self.ts if (p.name, t) not in done]
+        done = {_row_key(r) for r in rows}
+        todo = [item for item in self.items if item.key not in done]
         if self.world.is_main:
             atomic_write_text(results, "".join(json.dumps(r) + "\n" for r in rows))  # drops a cut-off line
-            print(f"probe: {len(self.paths)} paths x {len(self.ts)} points; {len(done)} done before, "
-                  f"{len(todo)} to go, on {self.world.world_size} rank(s); model {self.model_cfg.n_layer} layers, "
-                  f"d={self.model_cfg.n_embd}; {self.n_windows} validation windows", flush=True)
+            print(f"probe: {len(self.paths)} paths/planes, {len(self.items)} points; {len(done)} done before, "
+                  f"{len(todo)} to go, on {self.world.world_size} rank(s) (shard: {self.cfg.shard}); model "
+                  f"{self.model_cfg.n_layer} layers, d={self.model_cfg.n_embd}; {self.n_windows} validation windows",
+                  flush=True)
+            self.wandb = start_wandb(self.out, self.cfg.wandb, config_lib.to_dict(self.cfg))
+        self._save_points()
         progress = self._progress(len(todo))
-        for start in range(0, len(todo), self.world.world_size):
-            mine = start + self.world.rank
-            row = self.evaluate_point(*todo[mine]) if mine < len(todo) else None
-            gathered = [None] * self.world.world_size
-            if self.world.world_size > 1:
-                dist.all_gather_object(gathered, row)
-            else:
-                gathered = [row]
-            new = [r for r in gathered if r is not None]
+        position, size = 0, self.world.world_size
+        while position < len(todo):
+            together = self.cfg.shard == "batches" or (self.cfg.shard == "auto" and len(todo) - position < size)
+            if together:  # every rank on the same point, a share of its batches and matrices each
+                item = todo[position]
+                parts = self._gather(self.measure(item, self.world.rank, size))
+                new = [self.assemble(item, parts)] if self.world.is_main else []
+                position += 1
+            else:  # one point per rank
+                mine = position + self.world.rank
+                new = [r for r in self._gather(self.evaluate_point(todo[mine]) if mine < len(todo) else None) if r]
+                position += size
             if self.world.is_main:
-                with open(results, "a") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in new))
-                    f.flush()
-                    os.fsync(f.fileno())
+                self._append(results, new)
                 progress.update(len(new))
         progress.close()
         barrier()
         summary = self.summarize() if self.world.is_main else {}
+        if self.wandb is not None:
+            self.wandb.finish()
         barrier()
         return summary
+
+    def _gather(self, obj) -> list:
+        if self.world.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def _append(self, results: FilePath, new: list[dict]) -> None:
+        with open(results, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in new))
+            f.flush()
+            os.fsync(f.fileno())
+        if self.wandb is not None:
+            for r in (r for r in new if "t" in r):  # each path against its own t axis
+                self.wandb.define_metric(f"{r['path']}/*", step_metric=f"{r['path']}/t")
+                self.wandb.log({f"{r['path']}/{k}": r[k] for k in ("t", "loss", "token_error")})
+
+    def _save_points(self) -> None:
+        """θ(t) at the `save_points` t of every path, as checkpoint directories under out_dir/points/
+        (streamed, one tensor at a time; points already there are kept)."""
+        targets = [(named, t, self.out / "points" / path_slug(named.name) / f"t_{t:.4f}")
+                   for named in self.paths if named.path.kind != "plane" for t in self.cfg.save_points]
+        missing = [target for target in targets if not target[2].exists()]
+        for named, t, target in missing[self.world.rank::self.world.world_size]:
+            coefficients = named.path.coefficients(t)
+            write_point([self.sources[p] for p in named.path.points], coefficients, target,
+                        {"probe_path": named.name, "kind": named.path.kind, "t": t,
+                         "points": list(named.path.points), "coefficients": coefficients})
+        if missing and self.world.is_main:
+            print(f"probe: wrote {len(missing)} path point(s) to {self.out / 'points'}", flush=True)
+        barrier()
 
     def _progress(self, total: int):
         from tqdm import tqdm
@@ -213,8 +345,8 @@ class Prober:
             import yaml
 
             saved = yaml.safe_load(path.read_text()) or {}
-            for key in ("data", "spectra"):
-                if saved.get(key) != current.get(key):
+            for key in ("data", "spectra", "align"):
+                if saved.get(key) != current.get(key) and (key != "align" or saved.get(key) is not None):
                     raise ModeconnError(f"{path}: this batch was run with other {key} settings ({saved.get(key)}); "
                                         f"use another out_dir to probe with {current.get(key)}")
         barrier()
@@ -236,9 +368,11 @@ class Prober:
 
     def summarize(self) -> dict:
         rows = _read_rows(self.out / "results.jsonl")
-        by_path = {p.name: sorted((r for r in rows if r["path"] == p.name), key=lambda r: r["t"]) for p in self.paths}
+        lines = [p for p in self.paths if p.path.kind != "plane"]
+        by_path = {p.name: sorted((r for r in rows if r["path"] == p.name), key=lambda r: r["t"]) for p in lines}
+        planes = {p.name: [r for r in rows if r["path"] == p.name] for p in self.paths if p.path.kind == "plane"}
         table = []
-        for item in self.paths:
+        for item in lines:
             points = by_path[item.name]
             ts = [r["t"] for r in points]
             entry = {"path": item.name, "group": item.group, "kind": item.path.kind,
@@ -262,14 +396,33 @@ class Prober:
         if self.cfg.plots:
             from modeconn.probe_plots import plot_all
 
-            plot_all(self.out, self.paths, by_path, table, self.cfg.spectra)
+            plot_all(self.out, lines, by_path, table, self.cfg.spectra, planes)
+        if self.wandb is not None:
+            self._log_summary(table)
         for e in table:
             if "loss_barrier" in e:
                 print(f"{e['group']:>16} | {e['path']}: loss barrier {e['loss_barrier']:.4f} at t={e['loss_barrier_t']:g}"
                       f" | error barrier {e['token_error_barrier']:.4f} | distance {e['endpoint_distance']:.2f}, "
                       f"length {e['path_length']:.2f}", flush=True)
+        for name, plane_rows in planes.items():
+            if plane_rows:
+                at = {(r["alpha"], r["beta"]): r["loss"] for r in plane_rows}
+                low = min(plane_rows, key=lambda r: r["loss"])
+                corners = ", ".join(f"{label} {at[c]:.4f}" for label, c in (("A", (0.0, 0.0)), ("B", (1.0, 0.0)),
+                                                                             ("C", (0.0, 1.0))) if c in at)
+                print(f"{'plane':>16} | {name}: loss {corners}; lowest {low['loss']:.4f} at "
+                      f"(α, β) = ({low['alpha']:g}, {low['beta']:g})", flush=True)
         print(f"wrote {self.out}/results.jsonl, summary.csv" + (", plots/" if self.cfg.plots else ""), flush=True)
         return {"paths": table}
+
+    def _log_summary(self, table: list[dict]) -> None:
+        import wandb
+
+        fields = list(dict.fromkeys(k for e in table for k in e))
+        logged = {"summary": wandb.Table(columns=fields, data=[[e.get(k) for k in fields] for e in table])}
+        for png in sorted((self.out / "plots").glob("*.png")):
+            logged[f"plots/{png.stem}"] = wandb.Image(str(png))
+        self.wandb.log(logged)
 
     def _spectra_distances(self, by_path: dict) -> None:
         """Per point and matrix: distance of its spectrum to each endpoint's (from the saved values)."""

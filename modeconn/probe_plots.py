@@ -1,5 +1,6 @@
 """PNG plots of a probe batch: loss and error along the paths (endpoints marked), barriers by
-group, stable rank of every matrix along each path, spectra histograms at chosen t."""
+group, stable rank of every matrix along each path, spectra histograms at chosen t, and loss and
+error over each plane (its three checkpoints marked)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from safetensors.torch import load_file  # noqa: E402
 from modeconn.paths import path_slug  # noqa: E402
 
 
-def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg) -> None:
+def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg, planes: dict) -> None:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    for name, rows in planes.items():
+        if rows:
+            plot_plane(plots / f"plane_{path_slug(name)}.png", name, rows)
     groups = list(dict.fromkeys(p.group for p in paths))
     for group in groups:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -82,3 +86,22 @@ def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg
             fig.tight_layout()
             fig.savefig(plots / f"spectra_{path_slug(p.name)}.png", dpi=110)
             plt.close(fig)
+
+
+def plot_plane(target: FilePath, name: str, rows: list[dict]) -> None:
+    alphas, betas = sorted({r["alpha"] for r in rows}), sorted({r["beta"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, metric in zip(axes, ("loss", "token_error")):
+        value = {(r["alpha"], r["beta"]): r[metric] for r in rows}
+        grid = [[value.get((a, b), float("nan")) for a in alphas] for b in betas]
+        filled = ax.contourf(alphas, betas, grid, levels=20, cmap="viridis")
+        fig.colorbar(filled, ax=ax, label=metric.replace("_", " "))
+        for (a, b), label in (((0, 0), "A"), ((1, 0), "B"), ((0, 1), "C")):
+            ax.scatter([a], [b], color="white", edgecolor="black", zorder=3)
+            ax.annotate(label, (a, b), textcoords="offset points", xytext=(5, 5), color="white")
+        ax.set_xlabel("α (towards B)")
+        ax.set_ylabel("β (towards C)")
+    fig.suptitle(f"{name}: θA + α(θB − θA) + β(θC − θA)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)

@@ -29,9 +29,13 @@ def weight_matrices(model: GPT, embeddings: bool = False) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
+def svdvals(w: torch.Tensor) -> torch.Tensor:
+    """Descending singular values, computed in float64 for the small ones' sake."""
+    return torch.linalg.svdvals(w.detach().double()).float()
+
+
 def singular_values(model: GPT, embeddings: bool = False) -> dict[str, torch.Tensor]:
-    """Descending singular values of every matrix, computed in float64 for the small ones' sake."""
-    return {name: torch.linalg.svdvals(w.detach().double()).float() for name, w in weight_matrices(model, embeddings).items()}
+    return {name: svdvals(w) for name, w in weight_matrices(model, embeddings).items()}
 
 
 def summarize(s: torch.Tensor) -> dict:

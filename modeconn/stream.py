@@ -11,15 +11,19 @@ only full copy of the weights is the model's own.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import struct
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from modeconn.atomic import atomic_dir
 from modeconn.errors import CheckpointError
-from modeconn.hf import (expected_hf_shapes, hf_tensor_to_ours, is_hf_buffer, normalize_hf_name, read_model_config,
-                         safetensors_files)
+from modeconn.hf import (SAFETENSORS_NAME, expected_hf_shapes, hf_config_dict, hf_tensor_to_ours, is_hf_buffer,
+                         normalize_hf_name, read_model_config, safetensors_files)
 from modeconn.model import GPT, ModelConfig
 
 # Settings that do not change the function a checkpoint computes at evaluation (a preset's name,
@@ -111,3 +115,31 @@ def load_point(model: GPT, sources: Sequence[WeightSource], coefficients: Sequen
         if name.endswith("bias") and not cfg.bias:
             continue
         params[name].copy_(hf_tensor_to_ours(name, combine(sources, coefficients, name), cfg))
+
+
+def write_point(sources: Sequence[WeightSource], coefficients: Sequence[tuple[int, float]], target: Path,
+                metadata: dict) -> Path:
+    """Write the point Σ c_i θ_i as a checkpoint directory (model.safetensors + config.json +
+    modeconn_meta.json), one tensor in memory at a time: the safetensors header is built from the
+    sources' shapes first, then each tensor's bytes follow it in header order. Atomic: a
+    directory appears complete or not at all; an existing one is refused."""
+    cfg = sources[0].config
+    names = sorted(expected_hf_shapes(cfg))
+    header, offset = {}, 0
+    for name in names:
+        shape = sources[0].shapes[name]
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with atomic_dir(Path(target)) as tmp:
+        with open(tmp / SAFETENSORS_NAME, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for name in names:
+                f.write(combine(sources, coefficients, name).contiguous().numpy().astype("<f4", copy=False).data)
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
+        (tmp / "modeconn_meta.json").write_text(json.dumps(metadata, indent=2))
+    return Path(target)

@@ -8,7 +8,7 @@ from modeconn.barrier import barriers
 from modeconn.errors import CheckpointError, ConfigError, ModeconnError
 from modeconn.hf import load_hf, save_hf
 from modeconn.model import GPT, ModelConfig
-from modeconn.paths import Path, plane_coefficients, star, t_grid
+from modeconn.paths import Path, Plane, axis_grid, plane_coefficients, star, t_grid
 from modeconn.stream import WeightSource, check_compatible, load_point
 
 
@@ -25,6 +25,8 @@ def test_coefficients_follow_the_documented_t_convention():
     assert [p.points for p in star("c", ["a1", "a2", "a3"])] == [("c", "a1"), ("c", "a2"), ("c", "a3")]
     assert plane_coefficients(0.0, 0.0) == [(0, 1.0), (1, 0.0), (2, 0.0)]
     assert t_grid(0.1) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert axis_grid(-0.25, 1.25, 7) == [-0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
+    assert Plane(("A", "B", "C")).coefficients(0.25, 0.5) == [(0, 0.25), (1, 0.25), (2, 0.5)]
 
 
 @pytest.mark.parametrize("kind, points, message", [
@@ -37,6 +39,10 @@ def test_bad_paths_are_refused(kind, points, message):
         Path("linear", ("A", "B")).coefficients(1.5)
     with pytest.raises(ConfigError, match="does not divide"):
         t_grid(0.3)
+    with pytest.raises(ConfigError, match="a plane needs 3 points"):
+        Plane(("A", "B"))
+    with pytest.raises(ConfigError, match="2 or more points"):
+        axis_grid(0.0, 1.0, 1)
 
 
 def _checkpoints(tmp_path, n: int, **cfg_overrides):

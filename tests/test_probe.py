@@ -1,5 +1,6 @@
-"""probe.py end to end on small random checkpoints: sharded over 2 ranks it writes the 1-rank rows;
-a batch cut off mid-way resumes without duplicates or losses; bad input fails before evaluating."""
+"""probe.py end to end on small random checkpoints: sharded over ranks (by points or by batches)
+it writes the 1-rank rows; a batch cut off mid-way resumes without duplicates or losses; planes,
+saved path points and wandb; bad input fails before evaluating."""
 
 import json
 import subprocess
@@ -7,9 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, write_token_dir
-from modeconn.hf import save_hf
+from modeconn.hf import load_hf, save_hf
 from modeconn.model import GPT, ModelConfig
 from train_runner import command, env
 
@@ -46,21 +48,72 @@ def rows(out):
     result = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     for r in result:
         r.pop("seconds")
-    return sorted(result, key=lambda r: (r["path"], r["t"]))
+    return sorted(result, key=lambda r: (r["path"], r.get("t", -1), r.get("alpha", -1), r.get("beta", -1)))
 
 
-def test_two_ranks_write_the_one_rank_rows_and_a_summary(setup):
+@pytest.fixture(scope="module")
+def one_rank(setup):
     root, data, runs = setup
     probe(root / "one", data, runs, plots="true")
-    probe(root / "two", data, runs, nproc=2)
-    one, two = rows(root / "one"), rows(root / "two")
-    assert len(one) == 3 * 5 and one == two  # row for row, spectra summaries included
+    return rows(root / "one")
+
+
+def test_two_ranks_write_the_one_rank_rows_and_a_summary(setup, one_rank):
+    root, data, runs = setup
+    two = probe(root / "two", data, runs, nproc=2)  # auto: 7 rounds of 2 points, the last point shared
+    one = one_rank
+    assert len(one) == 3 * 5 and one == rows(root / "two")  # row for row, spectra summaries included
+    assert "(shard: auto)" in two.stdout
     assert {r["path"] for r in one} == {"r0--r1", "r0--r2", "r1--r2"}
     assert one[0]["spectra"]["h.0.q"]["stable_rank"] > 1
     summary = (root / "one" / "summary.csv").read_text().splitlines()
     assert len(summary) == 4 and "loss_barrier" in summary[0] and "path_length" in summary[0]
     assert (root / "one" / "plots" / "barriers.png").stat().st_size > 1000
     assert (root / "one" / "spectra" / "r0--r1" / "t_0.5000.safetensors").is_file()
+
+
+def test_three_ranks_sharing_every_point_write_the_one_rank_rows(setup, one_rank):
+    """shard=batches: 3 validation batches and 12 matrices per point, a third each; bitwise the same rows."""
+    root, data, runs = setup
+    probe(root / "three", data, runs, nproc=3, shard="batches")
+    assert rows(root / "three") == one_rank
+    for t in ("0.0000", "0.5000"):
+        mine, reference = (load_file(str(d / "spectra" / "r0--r2" / f"t_{t}.safetensors")) for d in
+                           (root / "three", root / "one"))
+        assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
+
+
+def test_planes_saved_points_and_wandb(setup, one_rank, tmp_path):
+    root, data, runs = setup
+    out = tmp_path / "plane"
+    plane = {"name": "r0-r1-r2", "points": [runs["r0"], runs["r1"], runs["r2"]], "range": [0.0, 1.0], "resolution": 5}
+    probe(out, data, {"r0": runs["r0"], "r1": runs["r1"]}, plots="true", planes=json.dumps([plane]),
+          save_points="[0.5]", **{"wandb.mode": "offline", "spectra.enabled": "false"})
+    got = rows(out)
+    on_plane = [r for r in got if r["path"] == "r0-r1-r2"]
+    assert len(on_plane) == 25 and {r["alpha"] for r in on_plane} == {0.0, 0.25, 0.5, 0.75, 1.0}
+    # β = 0 is the line r0 -> r1: the same coefficients (C's is 0), so the same values bit for bit
+    line = {r["t"]: r for r in one_rank if r["path"] == "r0--r1"}
+    for r in (r for r in on_plane if r["beta"] == 0.0):
+        assert (r["loss"], r["token_error"]) == (line[r["alpha"]]["loss"], line[r["alpha"]]["token_error"])
+    corner_c = next(r for r in on_plane if (r["alpha"], r["beta"]) == (0.0, 1.0))
+    assert corner_c["loss"] == next(r["loss"] for r in one_rank if r["path"] == "r0--r2" and r["t"] == 1.0)
+    assert (out / "plots" / "plane_r0-r1-r2.png").stat().st_size > 1000
+
+    # the saved midpoint is an ordinary checkpoint: the in-memory formula, exactly; probing it gives the t=0.5 row
+    point = out / "points" / "r0--r1" / "t_0.5000"
+    _, saved = load_hf(point)
+    (_, a), (_, b) = load_hf(runs["r0"]), load_hf(runs["r1"])
+    assert all(torch.equal(saved[k], 0.5 * a[k] + 0.5 * b[k]) for k in saved)
+    meta = json.loads((point / "modeconn_meta.json").read_text())
+    assert meta["t"] == 0.5 and meta["coefficients"] == [[0, 0.5], [1, 0.5]]
+    probe(tmp_path / "mid", data, {"mid": str(point), "r1": runs["r1"]}, t_values="[0.0, 1.0]",
+                  **{"spectra.enabled": "false"})
+    assert rows(tmp_path / "mid")[0]["loss"] == line[0.5]["loss"]
+
+    run_id = (out / "wandb_run_id").read_text()
+    (run_dir,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    assert list(run_dir.glob("files/media/table/summary_*.table.json"))
 
 
 def test_a_cut_off_batch_resumes_without_duplicates(setup):
