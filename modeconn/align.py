@@ -169,30 +169,38 @@ class MatchResult:
 
 
 def weight_matching(a: State, b: State, symmetries: list[Symmetry], max_sweeps: int = 50, seed: int = 0,
-                    tolerance: float = 1e-9) -> MatchResult:
-    """Transforms of B that maximise Σ ⟨A, T(B)⟩ over the tensors the symmetries touch: coordinate
-    descent, one symmetry at a time (in a seeded random order each sweep), each given the current
-    transforms of the others, until a sweep improves the total by no more than `tolerance`
-    (relative)."""
-    a = {k: v.double() for k, v in a.items()}
-    b = {k: v.double() for k, v in b.items()}
+                    tolerance: float = 1e-6) -> MatchResult:
+    """Transforms of B that maximise Σ ⟨A, T(B)⟩ over the tensors the symmetries touch, by
+    coordinate descent: each symmetry in turn (a seeded random order per sweep) takes its best
+    transform given the others' current ones. A symmetry is solved again only after one that shares
+    a tensor with it has changed, so permutations alone (which share none) take one sweep; it
+    stops when nothing changes (a rotation: by less than `tolerance` in Frobenius norm) or after
+    `max_sweeps`. Correlations are computed in fp32, the transforms in fp64."""
+    a = {k: v.float() for k, v in a.items()}
+    b = {k: v.float() for k, v in b.items()}
     transforms = {s.name: identity(s) for s in symmetries}
     touching: dict[str, list[tuple[Symmetry, Axis]]] = {}
     for sym in symmetries:
         for axis in sym.axes:
             touching.setdefault(axis.tensor, []).append((sym, axis))
     tensors = [name for name in touching if name in a]
+    neighbours = {s.name: {other.name for axis in s.axes for other, _ in touching[axis.tensor] if other is not s}
+                  for s in symmetries}
 
     def similarity() -> float:
         moved = apply({n: b[n] for n in tensors}, symmetries, transforms)
-        return sum((a[n] * moved[n]).sum().item() for n in tensors)
+        return sum((a[n].double() * moved[n].double()).sum().item() for n in tensors)
 
-    before = last = similarity()
+    before = similarity()
     order = np.random.default_rng(seed)
-    sweeps = 0
-    for sweeps in range(1, max_sweeps + 1):
+    dirty, sweeps = {s.name for s in symmetries}, 0
+    while dirty and sweeps < max_sweeps:
+        sweeps += 1
         for index in order.permutation(len(symmetries)):
             sym = symmetries[index]
+            if sym.name not in dirty:
+                continue
+            dirty.discard(sym.name)
             correlation = torch.zeros(sym.size, sym.size, dtype=torch.float64)
             for axis in sym.axes:
                 if axis.tensor not in a:
@@ -201,15 +209,15 @@ def weight_matching(a: State, b: State, symmetries: list[Symmetry], max_sweeps: 
                 for other_sym, other_axis in touching[axis.tensor]:
                     if other_sym is not sym:
                         other = _apply_on_axis(other, other_axis, transforms[other_sym.name])
-                correlation += _axis_first(a[axis.tensor], axis) @ _axis_first(other, axis).T
-            transforms[sym.name] = _best_transform(sym, correlation)
-        now = similarity()
-        if now - last <= tolerance * abs(last):
-            last = now
-            break
-        last = now
+                correlation += (_axis_first(a[axis.tensor], axis) @ _axis_first(other, axis).T).double()
+            new = _best_transform(sym, correlation)
+            old = transforms[sym.name]
+            moved = not torch.equal(new, old) if sym.kind == "permutation" else (new - old).norm() > tolerance
+            if moved:
+                dirty |= neighbours[sym.name]
+            transforms[sym.name] = new
     changed = {s.name: int((transforms[s.name] != identity(s)).sum()) for s in symmetries if s.kind == "permutation"}
-    return MatchResult(transforms, before, last, sweeps, changed)
+    return MatchResult(transforms, before, similarity(), sweeps, changed)
 
 
 # --- function-preserving canonical form -----------------------------------------------------------
