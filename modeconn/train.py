@@ -31,6 +31,7 @@ from modeconn.distributed import (World, all_reduce_sum, any_rank, barrier, init
                                   strip_launcher_args)
 from modeconn.errors import CheckpointError, ConfigError, ModeconnError
 from modeconn.export import TRAINER_STATE, export, load_optimizer_state, read_trainer_state
+from modeconn.fit import PathFitConfig, PathPoint, build_path_point
 from modeconn.hf import load_hf
 from modeconn.logger import MetricsLogger, WandbConfig, format_duration
 from modeconn.metrics import batch_sums
@@ -98,6 +99,9 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Given: train the free point of a path (a chain's bend, a Bezier control point, a star's
+    # centre) between frozen checkpoints instead of a network (modeconn/fit.py).
+    path_fit: Optional[PathFitConfig] = None
     out_dir: str = "out/train"
     # none: a new run (refuses an out_dir that holds one); auto: the latest complete checkpoint in
     # out_dir if any; or a path: a checkpoint (out_dir/checkpoints/step_N) or an export with trainer state.
@@ -158,7 +162,14 @@ class Trainer:
             model_cfg, weights = load_hf(Path(weights_from))
             cfg.model = model_cfg
         torch.manual_seed(cfg.seed.init)
-        self.model = GPT(cfg.model)
+        if cfg.path_fit is not None and cfg.deepspeed.zero_stage == 3:
+            raise ConfigError("path_fit runs at ZeRO stages 0-2: at stage 3 the free point's parameters are "
+                              "partitioned, and the path's combination reads them whole")
+        if cfg.path_fit is not None:  # the point starts at the mean of the frozen ones (or init.from)
+            self.model = build_path_point(cfg.path_fit, cfg.seed.data, world.rank)
+            cfg.model = self.model.config
+        else:
+            self.model = GPT(cfg.model)
         if weights_from:
             self.model.load_state_dict(weights)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
@@ -233,6 +244,8 @@ class Trainer:
             loader_state = client["loader"]
         self.step, self.tokens = client["step"], client["tokens"]
         self.loader.load_state_dict(loader_state)
+        if isinstance(self.model, PathPoint):  # the draws of t continue where they stopped
+            self.model.draws = self.step * self.cfg.train.grad_accum
         if self.world.is_main:
             print(f"resumed from {where} at step {self.step} ({self.tokens:,} tokens seen)", flush=True)
 
@@ -390,6 +403,8 @@ class Trainer:
                 "step": self.step, "tokens": self.tokens, "val_loss": val.get("loss"),
                 "val_token_error": val.get("token_error"), "zero_stage": self.cfg.deepspeed.zero_stage,
                 "world_size": self.world.world_size, "config": config_lib.to_dict(self.cfg)}
+        if self.cfg.path_fit is not None:
+            meta["path_fit"] = config_lib.to_dict(self.cfg.path_fit)
         keys = self._state_keys() if with_optimizer else None
         trainer_state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                          "optimizer": self.cfg.optim.name, "state_keys": keys or {}}

@@ -6,14 +6,14 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_token_dir
+from conftest import ROOT
 from modeconn import align as al
 from modeconn.hf import load_hf, save_hf
 from modeconn.model import GPT, ModelConfig
+from bigram_runs import BLOCK, CONFIG, VOCAB, bigram_sequences, train_runs
 from train_runner import env as subprocess_env
 
 
@@ -97,46 +97,15 @@ def test_weight_matching_recovers_a_known_permutation_and_rotation():
 
 # --- two independently initialised runs on a learnable task ----------------------------------------
 
-VOCAB, BLOCK = 64, 32
-
-
-def _bigram_batches(seed: int, n: int):
-    """Each token is followed by one of 3 successors (10% uniform noise): a task a tiny GPT learns."""
-    successors = np.random.default_rng(0).integers(0, VOCAB, (VOCAB, 3))
-    gen = np.random.default_rng(seed)
-    x = np.zeros((n, BLOCK + 1), dtype=np.int64)
-    x[:, 0] = gen.integers(0, VOCAB, n)
-    for j in range(1, BLOCK + 1):
-        follow = successors[x[:, j - 1], gen.integers(0, 3, n)]
-        x[:, j] = np.where(gen.random(n) < 0.1, gen.integers(0, VOCAB, n), follow)
-    return x
-
-
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
-    cfg = ModelConfig.from_preset("tiny", n_embd=32, n_head=4, n_inner=128, vocab_size=VOCAB, block_size=BLOCK)
-    torch.set_num_threads(1)
-    runs = {}
-    for seed in (0, 1):
-        torch.manual_seed(seed)  # independent inits and data orders
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        data = torch.from_numpy(_bigram_batches(seed + 10, 250 * 32)).view(250, 32, BLOCK + 1)
-        for batch in data:
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        runs[f"seed{seed}"] = save_hf(model, cfg, root / f"seed{seed}", metadata={"optimizer": "adamw"})
-    val = _bigram_batches(99, 256)
-    data_dir = write_token_dir(root / "data", {"train": [val.reshape(-1).astype(np.uint16)],
-                                               "val": [val.reshape(-1).astype(np.uint16)]})
-    return root, cfg, runs, data_dir
+    runs, data_dir = train_runs(root, (0, 1))
+    return root, CONFIG, runs, data_dir
 
 
 def _midpoint_barrier(a, b, cfg) -> float:
-    x = torch.from_numpy(_bigram_batches(99, 256))
+    x = torch.from_numpy(bigram_sequences(99, 256))
     losses = []
     for t in (0.0, 0.5, 1.0):
         model = GPT(cfg)
