@@ -68,6 +68,9 @@ class PathPoint(GPT):
         # broadcasts, partitions or saves them).
         labels = ["A", "B"] if cfg.kind != "star" else [str(j) for j in range(len(frozen))]
         self._frozen = {label: {n: f[n].float() for n in names} for label, f in zip(labels, frozen)}
+        # The architecture without weights, run with θ(t) as its parameters. Kept in a tuple, so
+        # that it is not a submodule: no engine hooks, partitions or counts it.
+        self._architecture = (GPT(model_cfg).to("meta"),)
         self.seed, self.rank = seed, rank
         self.draws = 0  # micro-batches drawn so far on this rank (set from the step on resume)
         with torch.no_grad():  # start on the straight path: the mean of the frozen points
@@ -102,14 +105,12 @@ class PathPoint(GPT):
             out[name] = total
         return out
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, at_point: bool = False):
-        if at_point:  # called by functional_call below, with θ(t) in place of the parameters
-            return super().forward(idx, targets)
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         if self.training:
             path, t = self.draw()
         else:  # validation at one fixed point: a curve's middle, a star's centre
             path, t = self.paths()[0], 0.0 if self.fit.kind == "star" else 0.5
-        return functional_call(self, self.weights_at(path, t), (idx, targets), {"at_point": True})
+        return functional_call(self._architecture[0], self.weights_at(path, t), (idx, targets))
 
 
 def build_path_point(cfg: PathFitConfig, seed: int, rank: int) -> PathPoint:
