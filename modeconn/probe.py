@@ -132,6 +132,12 @@ def _optimizer_of(checkpoint: str) -> str:
     return json.loads(meta.read_text()).get("optimizer", "unknown") if meta.is_file() else "unknown"
 
 
+def _label(checkpoint: str) -> str:
+    """A checkpoint's short name in path names: its directory, or the run's for a run's `final`."""
+    path = FilePath(checkpoint)
+    return path.parent.name if path.name == "final" and path.parent.name else path.name
+
+
 def expand_paths(cfg: ProbeConfig) -> list[NamedPath]:
     out = []
     for (a, pa), (b, pb) in itertools.combinations(cfg.runs.items(), 2):
@@ -142,13 +148,13 @@ def expand_paths(cfg: ProbeConfig) -> list[NamedPath]:
             out.append(NamedPath(f"{a}--{b}:aligned", f"{group}, aligned",
                                  Path("linear", (str(a_form) if cfg.align.residual else pa, str(b_aligned)))))
     for spec in cfg.paths:
-        out.append(NamedPath(spec.name or "--".join(FilePath(p).name for p in spec.points), spec.group,
+        out.append(NamedPath(spec.name or "--".join(map(_label, spec.points)), spec.group,
                              Path(spec.kind, tuple(spec.points))))
     for spec in cfg.stars:
         for i, path in enumerate(star(spec.centre, spec.anchors)):
-            out.append(NamedPath(f"{spec.name or 'star'}/{i}:{FilePath(path.points[1]).name}", spec.group, path))
+            out.append(NamedPath(f"{spec.name or 'star'}/{i}:{_label(path.points[1])}", spec.group, path))
     for spec in cfg.planes:
-        out.append(NamedPath(spec.name or "plane:" + "--".join(FilePath(p).name for p in spec.points), spec.group,
+        out.append(NamedPath(spec.name or "plane:" + "--".join(map(_label, spec.points)), spec.group,
                              Plane(tuple(spec.points))))
     names = [p.name for p in out]
     if not out:
