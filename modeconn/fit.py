@@ -28,6 +28,7 @@ import torch
 from torch.func import functional_call
 
 from modeconn.errors import ConfigError
+from modeconn.hf import load_hf
 from modeconn.model import GPT, ModelConfig
 from modeconn.paths import Path, star
 from modeconn.stream import WeightSource, check_compatible
@@ -52,8 +53,6 @@ class PathFitConfig:
 
 def _load_points(paths: list[str]) -> tuple[ModelConfig, list[dict[str, torch.Tensor]]]:
     """The frozen points in our layout, after checking they are one architecture."""
-    from modeconn.hf import load_hf
-
     config = check_compatible([WeightSource(FilePath(p)) for p in paths])
     return config, [load_hf(FilePath(p))[1] for p in paths]
 

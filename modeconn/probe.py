@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -210,10 +211,12 @@ class Prober:
         """B aligned to A for every `runs` pair (once: kept in out_dir/aligned/), spread over the ranks."""
         if self.cfg.align is None:
             return
+        residual = self.cfg.align.residual
         pairs = [(a, b) for a, b in itertools.combinations(self.cfg.runs, 2)
-                 if not aligned_pair(self.cfg, a, b)[1].exists()]
+                 if not all(p.exists() for p in aligned_pair(self.cfg, a, b)[0 if residual else 1:])]
         for a, b in pairs[self.world.rank::self.world.world_size]:
             a_form, b_aligned = aligned_pair(self.cfg, a, b)
+            shutil.rmtree(a_form.parent, ignore_errors=True)  # a pair cut off half-written: derived, redone
             report = align_checkpoints(FilePath(self.cfg.runs[a]), FilePath(self.cfg.runs[b]), b_aligned, self.cfg.align,
                                        a_form if self.cfg.align.residual else None)
             print(f"probe: aligned {b} to {a} in {report['seconds']:.1f} s, similarity "
@@ -225,6 +228,7 @@ class Prober:
     # them or every rank a share; the row is assembled from the parts in one fixed order, and is
     # bitwise the same however the parts were spread.
 
+    @torch.no_grad()
     def measure(self, item: WorkItem, share: int = 0, shares: int = 1) -> dict:
         """Build the point; measure every `shares`-th batch and matrix, from `share` on."""
         start = time.perf_counter()
