@@ -10,10 +10,12 @@ from modeconn import config as config_lib
 from modeconn.data.prepare import PrepareConfig
 from modeconn.evaluate import EvaluateConfig
 from modeconn.probe import ProbeConfig
+from modeconn.theory.experiments import TheoryConfig
 from modeconn.train import TrainConfig
 from train_runner import env, losses
 
-CONFIG_KINDS = {"train": TrainConfig, "data": PrepareConfig, "eval": EvaluateConfig, "probe": ProbeConfig}
+CONFIG_KINDS = {"train": TrainConfig, "data": PrepareConfig, "eval": EvaluateConfig, "probe": ProbeConfig,
+                "theory": TheoryConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
