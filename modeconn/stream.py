@@ -15,7 +15,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -97,13 +97,18 @@ def check_compatible(sources: Sequence[WeightSource]) -> ModelConfig:
     return first.config
 
 
-def combine(sources: Sequence[WeightSource], coefficients: Sequence[tuple[int, float]], name: str) -> torch.Tensor:
-    """Σ c_i θ_i[name] in fp32, summed in the order given (so a point equals its formula exactly)."""
+def weighted_sum(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Σ c_i x_i, summed in the order given (so a point equals its formula exactly)."""
     total = None
-    for index, c in coefficients:
-        term = sources[index].tensor(name) * c
+    for tensor, c in terms:
+        term = tensor * c
         total = term if total is None else total.add_(term)
     return total
+
+
+def combine(sources: Sequence[WeightSource], coefficients: Sequence[tuple[int, float]], name: str) -> torch.Tensor:
+    """Σ c_i θ_i[name] in fp32 from the checkpoints."""
+    return weighted_sum((sources[index].tensor(name), c) for index, c in coefficients)
 
 
 @torch.no_grad()

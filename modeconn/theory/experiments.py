@@ -4,6 +4,7 @@ behind it. Thresholds are part of the configs, so a verdict says what it was jud
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -148,7 +149,7 @@ def sgd_vs_adam(cfg: SgdAdamConfig, progress: Progress = lambda _: None) -> dict
     settings = {}
     for label, base in (("sgd", cfg.sgd), ("adam", cfg.adam)):
         settings[label] = base
-        settings[f"{label} + warm-up"] = OptimSpec(**{**base.__dict__, "warmup": cfg.warmup})
+        settings[f"{label} + warm-up"] = dataclasses.replace(base, warmup=cfg.warmup)
     rows = {s: {"loss_barrier": [], "error_barrier": [], "test_error": []} for s in settings}
     for seed in range(cfg.seeds):
         init = init_state(net, seed)
@@ -199,14 +200,12 @@ def star_paths(cfg: StarConfig, progress: Progress = lambda _: None) -> dict:
     for k in cfg.ks:
         centre = landscape.fit_star_centre(net, task, anchors[:k], cfg.centre_steps, cfg.centre_lr,
                                            cfg.centre_batch_size, seed=k)
-        to_centre = [landscape.path_curve(net, task, [centre, a], Path("linear", ("c", "a")),
-                                          t_grid(1 / (cfg.points - 1)))["loss_barrier"] for a in anchors[:k]]
+        to_centre = [landscape.linear_barrier(net, task, centre, a, cfg.points)["loss_barrier"] for a in anchors[:k]]
         between = [b for (i, j), b in anchor_pairs.items() if j < k]
         ratios = [(landscape.distance(anchors[i], centre) + landscape.distance(centre, anchors[j]))
                   / landscape.distance(anchors[i], anchors[j]) for i in range(k) for j in range(i + 1, k)]
-        two_piece = [max(landscape.linear_barrier(net, task, anchors[i], centre, cfg.points)["loss_barrier"],
-                         landscape.linear_barrier(net, task, centre, anchors[j], cfg.points)["loss_barrier"])
-                     for i in range(k) for j in range(i + 1, k)]
+        # The linear barrier does not depend on the direction of travel: a -> centre is centre -> a.
+        two_piece = [max(to_centre[i], to_centre[j]) for i in range(k) for j in range(i + 1, k)]
         out[str(k)] = {"centre_to_anchor_barriers": to_centre, "anchor_to_anchor_barriers": between,
                        "two_piece_barriers": two_piece, "two_piece_length_over_distance": ratios,
                        "centre_train_loss": evaluate(net, task, centre)["train_loss"]}

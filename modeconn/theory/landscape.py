@@ -14,6 +14,7 @@ from torch.func import functional_call
 from modeconn.barrier import barriers
 from modeconn.paths import Path, t_grid
 from modeconn.spectra import summarize, svdvals
+from modeconn.stream import weighted_sum
 from modeconn.theory.nets import Task
 from modeconn.theory.training import evaluate
 
@@ -21,14 +22,8 @@ State = dict[str, torch.Tensor]
 
 
 def combine(points: Sequence[State], coefficients) -> State:
-    """Σ c_i θ_i, summed in the coefficients' order."""
-    out = {}
-    for name in points[0]:
-        total = torch.zeros_like(points[0][name])
-        for i, c in coefficients:
-            total.add_(points[i][name], alpha=c)
-        out[name] = total
-    return out
+    """Σ c_i θ_i with the probe's summation (`modeconn.stream.weighted_sum`)."""
+    return {name: weighted_sum((points[i][name], c) for i, c in coefficients) for name in points[0]}
 
 
 def path_curve(net: nn.Module, task: Task, points: Sequence[State], path: Path, ts: Sequence[float]) -> dict:

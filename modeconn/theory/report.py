@@ -81,6 +81,10 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _parts(result: dict) -> list[str]:
+    return [f"- {part}: **{'yes' if ok else 'no'}**" for part, ok in result["verdict_parts"].items()]
+
+
 def _markdown(results: dict, cfg: TheoryConfig, files: dict[str, str]) -> str:
     sweep, sa, star, sp = (results[k] for k in ("width_sweep", "sgd_adam", "star", "spectra"))
     lines = ["# Theory testbed report", "",
@@ -108,7 +112,7 @@ def _markdown(results: dict, cfg: TheoryConfig, files: dict[str, str]) -> str:
     smallest = sweep["smallest_width"]
     lines += ["", f"At width {smallest['width']}, share of runs at zero loss (below {sweep['thresholds']['zero_loss']}): "
               + ", ".join(f"{o} {_fmt(v)}" for o, v in smallest["share_of_runs_at_zero_loss"].items()) + "."]
-    lines += [""] + [f"- {part}: **{'yes' if ok else 'no'}**" for part, ok in sweep["verdict_parts"].items()] + [""]
+    lines += [""] + _parts(sweep) + [""]
 
     lines += ["## 2. SGD vs Adam on the digits MLP", "",
               f"{sa['task']}, width {sa['width']}; per seed two runs from one init with different data orders.", "",
@@ -116,7 +120,7 @@ def _markdown(results: dict, cfg: TheoryConfig, files: dict[str, str]) -> str:
               "| optimizer | loss barrier | test error barrier | test error at the ends |", "|---|---|---|---|"]
     for setting, m in sa["mean"].items():
         lines.append(f"| {setting} | {_fmt(m['loss_barrier'])} | {_fmt(m['error_barrier'])} | {_fmt(m['test_error'])} |")
-    lines += [""] + [f"- {part}: **{'yes' if ok else 'no'}**" for part, ok in sa["verdict_parts"].items()] + [""]
+    lines += [""] + _parts(sa) + [""]
 
     lines += ["## 3. Star and two-piece paths", "",
               f"{star['task']}, width {star['width']}; anchors are AdamW runs from different inits; the centre is "
@@ -128,7 +132,7 @@ def _markdown(results: dict, cfg: TheoryConfig, files: dict[str, str]) -> str:
         ratios = r["two_piece_length_over_distance"]
         lines.append(f"| {k} | {_fmt(mean['centre_to_anchor_barriers'])} | {_fmt(mean['anchor_to_anchor_barriers'])} | "
                      f"{_fmt(mean['two_piece_barriers'])} | {_fmt(min(ratios))}-{_fmt(max(ratios))} |")
-    lines += [""] + [f"- {part}: **{'yes' if ok else 'no'}**" for part, ok in star["verdict_parts"].items()] + [""]
+    lines += [""] + _parts(star) + [""]
 
     lines += ["## 4. Spectra", "",
               f"{sp['task']}, width {sp['width']}; AdamW and Muon from the same init; stable rank "
@@ -137,7 +141,7 @@ def _markdown(results: dict, cfg: TheoryConfig, files: dict[str, str]) -> str:
               f"Muon: {', '.join(_fmt(x) for x in sp['stable_rank']['muon'])}",
               *[f"- along the path, seed {i}: " + ", ".join(_fmt(x) for x in curve)
                 for i, curve in enumerate(sp["stable_rank_along_path"])], ""]
-    lines += [f"- {part}: **{'yes' if ok else 'no'}**" for part, ok in sp["verdict_parts"].items()] + [""]
+    lines += _parts(sp) + [""]
     lines += ["## Configuration", "", "```yaml", config_lib.dump(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -63,10 +63,7 @@ def make_optimizer(params: dict[str, nn.Parameter], spec: OptimSpec) -> torch.op
     rest = [n for n in params if n not in matrices]
     aux = {"params": [params[n] for n in rest], "names": rest, "use_muon": False, "lr": spec.aux_lr,
            "weight_decay": 0.0, "betas": tuple(spec.betas), "eps": 1e-8}
-    groups = [g for g in (muon, aux) if g["params"]]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    return Muon(groups, cfg)
+    return Muon([g for g in (muon, aux) if g["params"]], cfg)
 
 
 def lr_factor(step: int, spec: OptimSpec) -> float:
@@ -89,7 +86,7 @@ def train(net: nn.Module, task: Task, state: dict[str, torch.Tensor], spec: Opti
     order, cursor = None, n
     g = torch.Generator().manual_seed(data_seed)
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
+        group["initial_lr"] = group["lr"]  # the peak lr the schedule scales
     for step in range(spec.steps):
         factor = lr_factor(step, spec)
         for group in optimizer.param_groups:
@@ -116,4 +113,3 @@ def evaluate(net: nn.Module, task: Task, state: dict[str, torch.Tensor]) -> dict
     out_test = functional_call(net, state, (task.x_test,))
     return {"train_loss": task.loss(out_train, task.y_train).item(), "test_loss": task.loss(out_test, task.y_test).item(),
             "train_error": task.error(out_train, task.y_train), "test_error": task.error(out_test, task.y_test)}
-
