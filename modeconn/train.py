@@ -162,9 +162,6 @@ class Trainer:
             model_cfg, weights = load_hf(Path(weights_from))
             cfg.model = model_cfg
         torch.manual_seed(cfg.seed.init)
-        if cfg.path_fit is not None and cfg.deepspeed.zero_stage == 3:
-            raise ConfigError("path_fit runs at ZeRO stages 0-2: at stage 3 the free point's parameters are "
-                              "partitioned, and the path's combination reads them whole")
         if cfg.path_fit is not None:  # the point starts at the mean of the frozen ones (or init.from)
             self.model = build_path_point(cfg.path_fit, cfg.seed.data, world.rank)
             cfg.model = self.model.config
@@ -183,6 +180,8 @@ class Trainer:
             print(describe_routing(self.optimizer), flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world.world_size))
+        if isinstance(self.model, PathPoint) and cfg.deepspeed.zero_stage == 3:
+            self.model.use_zero3_partitions()
         if hasattr(self.optimizer, "attach"):  # Muon: where its matrices lie in ZeRO's partitions
             self.optimizer.attach(self.engine, self.model)
         if cfg.train.compile:
