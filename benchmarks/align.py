@@ -1,12 +1,15 @@
-"""Weight matching at gpt2 size on the CPU: time and memory of aligning one checkpoint to another.
+"""Weight and activation matching at gpt2 size on the CPU: time and memory of aligning one
+checkpoint to another.
 
-    python benchmarks/align.py [--preset gpt2] [--threads 2]
+    python benchmarks/align.py [--preset gpt2] [--threads 2] [--windows 8]
 
 Two independently initialised models (random weights: no hidden answer to find, so every
 symmetry is solved from scratch; the worst case for the Hungarian algorithm). Measured:
 - permutations: heads and MLP units of every layer (the issue's target: <= 60 s on 2 cores);
 - with the residual rotation: canonical form (fold + centre) of both, then heads, units and the
   rotation by coordinate descent until nothing changes (or 50 sweeps);
+- the same two by activation matching on `--windows` random windows of the full context
+  (both models' forward passes, the correlations, the same solvers);
 - a check that the aligned B computes what B computed (max |Δ logit| on one batch).
 Prints one JSON object; the ratios are to the 60 s target.
 """
@@ -36,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=8, help="context-length windows for activation matching")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_preset(args.preset)
@@ -52,13 +56,18 @@ def main() -> None:
         with torch.no_grad():
             return model(x)[0]
 
-    results = {"preset": args.preset, "parameters": sum(v.numel() for k, v in a.items() if k != "lm_head.weight"),
+    results = {"preset": args.preset, "activation_tokens": args.windows * cfg.block_size, "parameters": sum(v.numel() for k, v in a.items() if k != "lm_head.weight"),
                "threads": args.threads, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     reference = logits(b, cfg)
-    for name, settings in (("permutations", al.AlignConfig()), ("with_residual_rotation", al.AlignConfig(residual=True))):
+    windows = torch.randint(0, cfg.vocab_size, (args.windows, cfg.block_size), generator=torch.Generator().manual_seed(1))
+    batches = list(windows.split(4))
+    runs = {"permutations": al.AlignConfig(), "with_residual_rotation": al.AlignConfig(residual=True),
+            "activations_permutations": al.AlignConfig(method="activations"),
+            "activations_with_residual_rotation": al.AlignConfig(method="activations", residual=True)}
+    for name, settings in runs.items():
         start = time.perf_counter()
-        _, aligned, aligned_cfg, result = al.align(a, b, cfg, settings)
+        _, aligned, aligned_cfg, result = al.align(a, b, cfg, settings, batches)
         seconds = time.perf_counter() - start
         results[name] = {"seconds": round(seconds, 2), "ratio_to_target": round(seconds / TARGET_S, 3),
                          "sweeps": result.sweeps, "similarity_before": result.similarity_before,

@@ -218,7 +218,7 @@ class Prober:
             a_form, b_aligned = aligned_pair(self.cfg, a, b)
             shutil.rmtree(a_form.parent, ignore_errors=True)  # a pair cut off half-written: derived, redone
             report = align_checkpoints(FilePath(self.cfg.runs[a]), FilePath(self.cfg.runs[b]), b_aligned, self.cfg.align,
-                                       a_form if self.cfg.align.residual else None)
+                                       a_form if self.cfg.align.residual else None, self.cfg.data)
             print(f"probe: aligned {b} to {a} in {report['seconds']:.1f} s, similarity "
                   f"{report['similarity_before']:.4g} -> {report['similarity_after']:.4g}", flush=True)
         barrier()

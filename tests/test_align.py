@@ -1,6 +1,7 @@
 """GPT-2's symmetries: every transform keeps the function (our model, and Hugging Face's loading
-the transformed export); weight matching undoes a known permutation and rotation; aligning two
-independently initialised runs lowers the barrier between them; align.py and probe's align switch."""
+the transformed export); weight and activation matching undo a known permutation and rotation;
+aligning two independently initialised runs lowers the barrier between them (weights, and
+activations through align.py); align.py and probe's align switch."""
 
 import json
 import subprocess
@@ -95,6 +96,27 @@ def test_weight_matching_recovers_a_known_permutation_and_rotation():
     assert max((recovered[k] - canonical[k]).abs().max().item() for k in canonical) < 1e-5
 
 
+def test_activation_matching_recovers_a_known_permutation_and_rotation():
+    """B is A with its heads, units (and residual stream) transformed: B's activations are A's,
+    transformed, so matching them on a few batches finds the inverse."""
+    model = _model(tie=False)
+    cfg, state = model.config, model.state_dict()
+    batches = [torch.randint(0, cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    symmetries = al.gpt2_symmetries(cfg)
+    scrambled = al.apply(state, symmetries, _random_transforms(symmetries, torch.Generator().manual_seed(3)))
+    result = al.activation_matching(state, scrambled, cfg, symmetries, batches)
+    recovered = al.apply(scrambled, symmetries, result.transforms)
+    assert all(torch.equal(recovered[k], state[k]) for k in state)
+    assert sum(result.changed.values()) > 0 and result.similarity_after > result.similarity_before
+
+    canonical, canonical_cfg = al.canonical_form(state, cfg)
+    symmetries = al.gpt2_symmetries(canonical_cfg, residual=True)
+    scrambled = al.apply(canonical, symmetries, _random_transforms(symmetries, torch.Generator().manual_seed(4)))
+    result = al.activation_matching(canonical, scrambled, canonical_cfg, symmetries, batches)
+    recovered = al.apply(scrambled, symmetries, result.transforms)
+    assert max((recovered[k] - canonical[k]).abs().max().item() for k in canonical) < 1e-5
+
+
 # --- two independently initialised runs on a learnable task ----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -137,6 +159,22 @@ def test_align_command_and_probe_switch(two_runs, tmp_path):
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists; refusing to overwrite" in again.stderr
 
+    # Activation matching on 32 validation windows of the task's data
+    by_activations = command[:4] + [f"--out={tmp_path / 'b-act'}", "--align.residual=true",
+                                    f"--reference_out={tmp_path / 'a-act'}", "--align.method=activations"]
+    no_data = subprocess.run(by_activations, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert no_data.returncode == 2 and "needs validation windows: give --data.dir" in no_data.stderr
+    assert not (tmp_path / "b-act").exists()
+    done = subprocess.run(by_activations + [f"--data.dir={data_dir}", "--data.val_windows=32"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "b-act" / "modeconn_meta.json").read_text())["alignment"]["settings"]["method"] == "activations"
+    (_, a), (_, b) = load_hf(runs["seed0"]), load_hf(runs["seed1"])
+    (_, a_form), (form_cfg, b_aligned) = load_hf(tmp_path / "a-act"), load_hf(tmp_path / "b-act")
+    before, after = _midpoint_barrier(a, b, cfg), _midpoint_barrier(a_form, b_aligned, form_cfg)
+    print(f"midpoint loss barrier: {before:.4f} before, {after:.4f} after activation matching")
+    assert after < 0.5 * before
+
     deeper_cfg = ModelConfig.from_preset("tiny", n_layer=3, n_embd=32, n_head=4, n_inner=128, vocab_size=VOCAB,
                                          block_size=BLOCK)
     save_hf(GPT(deeper_cfg), deeper_cfg, tmp_path / "deeper")
@@ -147,7 +185,7 @@ def test_align_command_and_probe_switch(two_runs, tmp_path):
     out = tmp_path / "probe"
     args = {"runs": json.dumps({k: str(v) for k, v in runs.items()}), "data.dir": data_dir, "data.val_windows": 64,
             "t_values": "[0.0, 0.5, 1.0]", "out_dir": out, "plots": "false", "spectra.enabled": "false",
-            "align.residual": "true"}
+            "align.residual": "true", "align.method": "activations"}  # on the probe's own validation windows
     probe = subprocess.run([sys.executable, "probe.py"] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr
