@@ -168,7 +168,7 @@ def _best_transform(symmetry: Symmetry, correlation: torch.Tensor) -> torch.Tens
 @dataclass
 class MatchResult:
     transforms: dict[str, torch.Tensor]
-    similarity_before: float  # Σ ⟨A, B⟩ over the tensors the symmetries touch
+    similarity_before: float  # Σ ⟨A, B⟩ over the tensors the symmetries touch (activations: per token)
     similarity_after: float
     sweeps: int
     changed: dict[str, int] = field(default_factory=dict)  # per permutation: how many indices moved
@@ -232,7 +232,8 @@ def _activation_axes(model: GPT, symmetry: Symmetry) -> list[tuple[str, Axis]]:
     out = []
     for axis in symmetry.axes:
         module_name = axis.tensor.removesuffix(".weight")
-        if axis.dim == 1 and axis.tensor.endswith(".weight") and isinstance(model.get_submodule(module_name), torch.nn.Linear):
+        reads_input = axis.dim == 1 and axis.tensor.endswith(".weight")
+        if reads_input and isinstance(model.get_submodule(module_name), torch.nn.Linear):
             out.append((module_name, Axis(module_name, 1, axis.groups, axis.block)))
     return out
 
