@@ -1,13 +1,20 @@
 """Optimizer step time and memory per rank: our distributed Muon vs DeepSpeed's built-in Muon
 (`"optimizer": {"type": "Muon"}`) vs AdamW, side by side in one run.
 
-    python benchmarks/muon_step.py [--preset paper-small] [--stages 1 2] [--ranks 2] [--steps 8]
+    python benchmarks/muon_step.py [--preset paper-small] [--stages 1 2] [--ranks 2] [--steps 15] [--rounds 2]
 
 Each (stage, optimizer) runs in its own group of gloo CPU processes (one thread each, fp32
 weights), so each peak RSS is that configuration's own. Per rank and step we time the forward +
 backward and `engine.step()` separately: DeepSpeed's Muon does its momentum and Newton–Schulz
 while it reduces gradients (inside backward at ZeRO-2, inside step at ZeRO-1), so the sum of both,
-`train_step_s`, is the fair comparison, and `engine_step_s` is reported next to it.
+`train_step_s`, is the fair comparison, and `engine_step_s` is reported next to it. The default
+micro-batch is small (2 x 64 tokens) so that the optimizer, not the 50257-way head, dominates the
+step: a step's optimizer work is the same at any batch size.
+
+Timing on a shared machine: every step starts at a barrier, so a step takes as long as its slowest
+rank; configurations run in `--rounds` interleaved rounds, so that a slow spell of the machine hits
+all of them; each time is reported as the minimum over all timed steps (noise only ever adds time,
+as with `timeit`) and as the median. Ratios use the minimum.
 
 Both Muons get the same routing (block matrices to Muon; embeddings, head, gains and biases to
 AdamW) and the same matrices (c_attn whole, as DeepSpeed sees it): DeepSpeed routes by name
@@ -15,8 +22,9 @@ substrings ("embed", "lm_head"), which would send GPT-2's wte and wpe to Muon, s
 registers the embeddings under an extra name containing "embed" (same modules, same computation).
 Each Muon uses its own default Newton–Schulz: ours quintic with 5 steps in fp32 on CPU, DeepSpeed's
 Gram NS in fp16 (what it picks on a CPU with fp16 matmuls); ours is also run with NS in bf16 (its
-GPU default), the same precision class. `ns_s` is the time of that NS on the matrices the rank
-orthogonalises, measured alone, and `ns_share` = ns_s / train_step_s.
+GPU default), the same precision class, and DeepSpeed with its "standard" quintic NS (bf16), the very
+arithmetic of our bf16 row, so that pair differs only in the distribution. `ns_s` is the time of
+that NS on the matrices the rank orthogonalises, measured alone, and `ns_share` = ns_s / train_step_s.
 
 Muon state per rank counts the tensors each Muon keeps between steps: our momentum; DeepSpeed's
 momentum plus its staged momentum copy. Prints one JSON object.
@@ -42,9 +50,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# ours_muon: our default on CPU (fp32 NS); ours_muon_bf16_ns: NS in bf16, as on GPU and as torch.optim.Muon,
-# the same precision class as DeepSpeed's fp16 NS.
-OPTIMIZERS = ("ours_muon", "ours_muon_bf16_ns", "deepspeed_muon", "adamw")
+# ours_muon: our default on CPU (fp32 NS); ours_muon_bf16_ns: NS in bf16, as on GPU and as torch.optim.Muon.
+# deepspeed_muon: its default Gram NS (fp16 here); deepspeed_muon_standard_ns: its "standard" quintic NS, in
+# bf16, the same arithmetic as ours_muon_bf16_ns, so that pair differs only in how the work is distributed.
+OPTIMIZERS = ("ours_muon", "ours_muon_bf16_ns", "deepspeed_muon", "deepspeed_muon_standard_ns", "adamw")
+DEEPSPEED_NS_METHOD = {"deepspeed_muon": "gram", "deepspeed_muon_standard_ns": "standard"}
 
 
 def _model(preset: str, block: int):
@@ -74,7 +84,7 @@ def _muon_state(engine, optimizer_name: str) -> int:
     opt = engine.optimizer
     client = opt.optimizer if hasattr(opt, "optimizer") else opt
     momentum = [s["momentum_buffer"] for s in client.state.values() if "momentum_buffer" in s]
-    if optimizer_name == "deepspeed_muon":
+    if optimizer_name in DEEPSPEED_NS_METHOD:
         momentum += [staged for staged, _ in getattr(opt, "_muon_pending_momentum", {}).values()]
     return _state_bytes(momentum)
 
@@ -88,13 +98,16 @@ def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
         dtype = resolve_dtype(ours.cfg.ns_dtype, torch.device("cpu"))
         run = lambda g: newton_schulz(g, 5, dtype=dtype)  # noqa: E731
     else:
-        from deepspeed.runtime.zero.muon.original_muon import zeropower_via_gram_newtonschulz
+        from deepspeed.runtime.zero.muon.original_muon import (zeropower_via_gram_newtonschulz,
+                                                               zeropower_via_newtonschulz5)
 
         # DeepSpeed orthogonalises every Muon parameter that touches this rank's partition, whole.
         opt = engine.optimizer
         params = [p for group in opt.params_in_partition for p in group if getattr(p, "use_muon", False)]
         shapes = [tuple(p.shape) for p in params]
-        run = lambda g: zeropower_via_gram_newtonschulz(g, steps=5)  # noqa: E731
+        ns = (zeropower_via_gram_newtonschulz if DEEPSPEED_NS_METHOD[optimizer_name] == "gram"
+              else zeropower_via_newtonschulz5)
+        run = lambda g: ns(g, steps=5)  # noqa: E731
     inputs = [torch.randn(*s) for s in shapes]
     for g in inputs:
         run(g)  # warm-up (and compilation for each shape, for DeepSpeed's)
@@ -120,10 +133,11 @@ def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: st
               "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
               "zero_allow_untested_optimizer": True}
     ours = None
-    if optimizer_name == "deepspeed_muon":
+    if optimizer_name in DEEPSPEED_NS_METHOD:
         _name_embeddings_for_deepspeed(model)
         config["optimizer"] = {"type": "Muon", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1,
-                                                          "adam_lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8}}
+                                                          "adam_lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                          "ns_method": DEEPSPEED_NS_METHOD[optimizer_name]}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     else:
         ns_dtype = "bfloat16" if optimizer_name == "ours_muon_bf16_ns" else "float32"
@@ -136,7 +150,7 @@ def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: st
         else:
             ours = None
     gen = torch.Generator().manual_seed(rank)
-    fwd_bwd, step = [], []
+    fwd_bwd, step = [], []  # per timed step
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, model.config.vocab_size, (args.micro_batch, args.block + 1), generator=gen)
         dist.barrier()
@@ -149,9 +163,8 @@ def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: st
             fwd_bwd.append(t1 - t0)
             step.append(t2 - t1)
     ns_s, ns_matrices = (_ns_time(optimizer_name, engine, model, ours) if optimizer_name != "adamw" else (0.0, 0))
-    row = {"rank": rank, "forward_backward_s": statistics.median(fwd_bwd), "engine_step_s": statistics.median(step),
-           "train_step_s": statistics.median(a + b for a, b in zip(fwd_bwd, step)), "ns_s": ns_s,
-           "ns_matrices": ns_matrices, "muon_state_mb": _muon_state(engine, optimizer_name) / 2 ** 20,
+    row = {"rank": rank, "forward_backward_s": fwd_bwd, "engine_step_s": step, "ns_s": ns_s, "ns_matrices": ns_matrices,
+           "muon_state_mb": _muon_state(engine, optimizer_name) / 2 ** 20,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     Path(out, f"{rank}.json").write_text(json.dumps(row))
     dist.barrier()
@@ -172,11 +185,22 @@ def run_config(args, stage: int, optimizer_name: str) -> list[dict]:
         return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(args.ranks)]
 
 
-def summarise(rows: list[dict]) -> dict:
-    """The slowest rank sets the pace of a synchronous step; memory per rank is its largest."""
-    out = {k: max(r[k] for r in rows) for k in ("forward_backward_s", "engine_step_s", "train_step_s", "ns_s",
-                                                  "muon_state_mb", "peak_rss_mb")}
-    out["ns_matrices_per_rank"] = [r["ns_matrices"] for r in rows]
+def summarise(rounds: list[list[dict]]) -> dict:
+    """One configuration's rounds (each a list of per-rank rows). The slowest rank sets the pace of
+    each synchronous step; memory per rank is its largest."""
+    per_step = {"forward_backward_s": [], "engine_step_s": [], "train_step_s": []}
+    for rows in rounds:
+        for fwd_bwd, step in zip(zip(*(r["forward_backward_s"] for r in rows)), zip(*(r["engine_step_s"] for r in rows))):
+            per_step["forward_backward_s"].append(max(fwd_bwd))
+            per_step["engine_step_s"].append(max(step))
+            per_step["train_step_s"].append(max(a + b for a, b in zip(fwd_bwd, step)))
+    out = {}
+    for key, times in per_step.items():
+        out[key], out[key[:-len("_s")] + "_median_s"] = min(times), statistics.median(times)
+    rows = [r for rows in rounds for r in rows]
+    out.update({k: max(r[k] for r in rows) for k in ("muon_state_mb", "peak_rss_mb")})
+    out["ns_s"] = min(max(r["ns_s"] for r in rows) for rows in rounds)  # slowest rank, best round
+    out["ns_matrices_per_rank"] = [r["ns_matrices"] for r in rounds[0]]
     out["ns_share"] = out["ns_s"] / out["train_step_s"]
     return out
 
@@ -184,19 +208,25 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="paper-small")
-    parser.add_argument("--block", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = {"benchmark": "muon_step", "preset": args.preset, "ranks": args.ranks, "micro_batch": args.micro_batch,
               "block": args.block, "dtype": "float32", "device": "cpu", "machine": platform.processor() or
-              platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "stages": {}}
+              platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "rounds": args.rounds,
+              "steps_per_round": args.steps, "stages": {}}
+    measured = {(stage, name): [] for stage in args.stages for name in OPTIMIZERS}
+    for _ in range(args.rounds):
+        for stage, name in measured:
+            measured[stage, name].append(run_config(args, stage, name))
     for stage in args.stages:
-        runs = {name: summarise(run_config(args, stage, name)) for name in OPTIMIZERS}
+        runs = {name: summarise(measured[stage, name]) for name in OPTIMIZERS}
         ds, adamw = runs["deepspeed_muon"], runs["adamw"]
         ratios = {"train_step_deepspeed_muon_over_adamw": ds["train_step_s"] / adamw["train_step_s"]}
         for name in ("ours_muon", "ours_muon_bf16_ns"):
@@ -207,6 +237,12 @@ def main() -> None:
                 f"muon_state_{name}_over_deepspeed_muon": ours["muon_state_mb"] / ds["muon_state_mb"],
                 f"peak_rss_{name}_over_deepspeed_muon": ours["peak_rss_mb"] / ds["peak_rss_mb"],
                 f"train_step_{name}_over_adamw": ours["train_step_s"] / adamw["train_step_s"]})
+        ours, ds_standard = runs["ours_muon_bf16_ns"], runs["deepspeed_muon_standard_ns"]
+        ratios.update({  # the same NS arithmetic on both sides: what remains is the distribution
+            "train_step_ours_muon_bf16_ns_over_deepspeed_muon_standard_ns":
+                ours["train_step_s"] / ds_standard["train_step_s"],
+            "engine_step_ours_muon_bf16_ns_over_deepspeed_muon_standard_ns":
+                ours["engine_step_s"] / ds_standard["engine_step_s"]})
         runs["ratios"] = ratios
         result["stages"][f"zero{stage}"] = runs
         print(json.dumps({f"zero{stage}": runs["ratios"]}), file=sys.stderr, flush=True)
