@@ -129,7 +129,8 @@ def test_distributed_muon_equals_one_process(stage, world_size, tmp_path):
 
 def test_exchange_plans_agree_between_ranks_and_balance_the_work():
     """Synthetic layout, 3 ranks, cuts anywhere: pieces tile every matrix once; what rank r sends to
-    rank d is what d expects from r; owners' NS loads are within LPT's 4/3 of the lower bound."""
+    rank d is what d expects from r; an owner's own pieces and the pieces it receives fill its
+    buffer exactly once; owners' NS loads are within LPT's 4/3 of the lower bound."""
     from modeconn.optim.muon import MatrixSlice
     from modeconn.optim.muon_exchange import PartitionExchange, matrix_pieces, ns_cost
     from modeconn.optim.zero_layout import Fragment
@@ -157,6 +158,12 @@ def test_exchange_plans_agree_between_ranks_and_balance_the_work():
     for r in range(world):
         for d in range(world):
             assert plans[r].send_splits[d] == plans[d].recv_splits[r]
+        plan = plans[r]  # pieces held by their owner stay put; the owned buffer is filled exactly once
+        assert plan.send_splits[r] == 0 and sorted(plan.sent + [i for i, _ in plan.kept]) == list(range(len(plan.local)))
+        filled = sorted([(at, plan.local[i].numel) for i, at in plan.kept] + plan.incoming)
+        assert sum(n for _, n in filled) == plan.owned_numel
+        assert all(a + n == b for (a, n), (b, _) in zip(filled, filled[1:]))
+    assert any(plan.kept for plan in plans)
     loads = [sum(ns_cost(m.rows, m.cols) for m in p.owned_matrices) for p in plans]
     costs = [ns_cost(m.rows, m.cols) for m in matrices]
     assert max(loads) <= 4 / 3 * max(sum(costs) / world, max(costs))

@@ -4,7 +4,7 @@ Newton–Schulz needs a whole matrix, while ZeRO leaves each rank a flat run of 
 start or end anywhere inside a matrix. Every matrix gets one *owner* rank (balancing NS cost over
 the ranks); each rank sends the pieces it holds to their owners in one batched all_to_all, owners
 run NS, and a second all_to_all brings each piece's result back to the rank that holds it, where
-the update is applied to the local partition. Nobody holds more than its partition plus the
+the update is applied to the local partition. Pieces held by their owner do not travel. Nobody holds more than its partition plus the
 matrices it owns. At ZeRO-0 every rank holds everything: owners orthogonalise, then one all_gather.
 
 The plans are built once from the global layout (`zero_layout.partition_layout`), so every rank
@@ -90,12 +90,6 @@ class PartitionExchange:
                                    f"{n} of its {m.rows * m.cols} elements")
         self.matrices, self.group = matrices, group
         self.owners = assign_owners(matrices, world_size, held)
-        # Sent in (owner, matrix, start) order; the receiver lists what it gets in (sender, matrix,
-        # start) order: both sort each sender-owner pair's pieces by (matrix, start).
-        self.local = sorted((p for p in pieces if p.rank == rank), key=lambda p: (self.owners[p.matrix], p.matrix, p.start))
-        self.send_splits = [sum(p.numel for p in self.local if self.owners[p.matrix] == d) for d in range(world_size)]
-        incoming = sorted((p for p in pieces if self.owners[p.matrix] == rank), key=lambda p: (p.rank, p.matrix, p.start))
-        self.recv_splits = [sum(p.numel for p in incoming if p.rank == s) for s in range(world_size)]
         self.owned: list[tuple[int, int]] = []  # (matrix, offset in the owned buffer)
         offset = 0
         for k, m in enumerate(matrices):
@@ -104,6 +98,17 @@ class PartitionExchange:
                 offset += m.rows * m.cols
         self.owned_numel = offset
         where = dict(self.owned)
+        # Pieces a rank holds of the matrices it owns stay put (`kept`); the rest travel. Sent in
+        # (owner, matrix, start) order; the receiver lists what it gets in (sender, matrix, start)
+        # order: both sort each sender-owner pair's pieces by (matrix, start).
+        self.local = sorted((p for p in pieces if p.rank == rank), key=lambda p: (self.owners[p.matrix], p.matrix, p.start))
+        self.sent = [i for i, p in enumerate(self.local) if self.owners[p.matrix] != rank]  # indices into local
+        self.kept = [(i, where[p.matrix] + p.start) for i, p in enumerate(self.local) if self.owners[p.matrix] == rank]
+        self.send_splits = [sum(p.numel for p in self.local if self.owners[p.matrix] == d) if d != rank else 0
+                            for d in range(world_size)]
+        incoming = sorted((p for p in pieces if self.owners[p.matrix] == rank and p.rank != rank),
+                          key=lambda p: (p.rank, p.matrix, p.start))
+        self.recv_splits = [sum(p.numel for p in incoming if p.rank == s) for s in range(world_size)]
         self.incoming = [(where[p.matrix] + p.start, p.numel) for p in incoming]  # (position in owned buffer, numel)
 
     @property
@@ -114,7 +119,8 @@ class PartitionExchange:
         """NS of every matrix in the flat `update`; returns the results for `self.local`, in order.
         Collective over the group: every rank calls it for the same partition."""
         device = update.device
-        send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in self.local]).to(dtype) if self.local
+        sent = [self.local[i] for i in self.sent]
+        send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in sent]).to(dtype) if sent
                 else torch.empty(0, dtype=dtype, device=device))
         recv = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
         dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=self.group)
@@ -124,16 +130,23 @@ class PartitionExchange:
         for at, numel in self.incoming:
             owned.narrow(0, at, numel).copy_(recv.narrow(0, position, numel))
             position += numel
+        for i, at in self.kept:
+            p = self.local[i]
+            owned.narrow(0, at, p.numel).copy_(update.narrow(0, p.offset, p.numel))
         for k, at in self.owned:  # results overwrite their inputs: one owned buffer, not two
             m = self.matrices[k]
             block = owned.narrow(0, at, m.rows * m.cols).view(m.rows, m.cols)
             block.copy_(ns(block))
         back = (torch.cat([owned.narrow(0, at, numel) for at, numel in self.incoming]) if self.incoming
                 else torch.empty(0, dtype=dtype, device=device))
-        del owned
         results = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
         dist.all_to_all_single(results, back, self.send_splits, self.recv_splits, group=self.group)
-        return list(results.split([p.numel for p in self.local]))
+        out: list[Optional[torch.Tensor]] = [None] * len(self.local)
+        for i, result in zip(self.sent, results.split([p.numel for p in sent])):
+            out[i] = result
+        for i, at in self.kept:
+            out[i] = owned.narrow(0, at, self.local[i].numel)
+        return out
 
 
 class ReplicatedExchange:
