@@ -161,7 +161,7 @@ def test_exchange_plans_agree_between_ranks_and_balance_the_work():
         plan = plans[r]  # pieces held by their owner stay put; the owned buffer is filled exactly once
         assert plan.send_splits[r] == 0 and sorted(plan.sent + [i for i, _ in plan.kept]) == list(range(len(plan.local)))
         filled = sorted([(at, plan.local[i].numel) for i, at in plan.kept] + plan.incoming)
-        assert sum(n for _, n in filled) == plan.owned_numel
+        assert (filled[0][0] if filled else 0) == 0 and sum(n for _, n in filled) == plan.owned_numel
         assert all(a + n == b for (a, n), (b, _) in zip(filled, filled[1:]))
     assert any(plan.kept for plan in plans)
     loads = [sum(ns_cost(m.rows, m.cols) for m in p.owned_matrices) for p in plans]

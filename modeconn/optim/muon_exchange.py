@@ -4,8 +4,9 @@ Newton–Schulz needs a whole matrix, while ZeRO leaves each rank a flat run of 
 start or end anywhere inside a matrix. Every matrix gets one *owner* rank (balancing NS cost over
 the ranks); each rank sends the pieces it holds to their owners in one batched all_to_all, owners
 run NS, and a second all_to_all brings each piece's result back to the rank that holds it, where
-the update is applied to the local partition. Pieces held by their owner do not travel. Nobody holds more than its partition plus the
-matrices it owns. At ZeRO-0 every rank holds everything: owners orthogonalise, then one all_gather.
+the update is applied to the local partition. Pieces held by their owner do not travel. Nobody
+holds more than its partition plus the matrices it owns. At ZeRO-0 every rank holds everything:
+owners orthogonalise, then one all_gather.
 
 The plans are built once from the global layout (`zero_layout.partition_layout`), so every rank
 knows every split size, and both sides of each exchange list pieces in the same order.
