@@ -56,7 +56,8 @@ def main() -> None:
         with torch.no_grad():
             return model(x)[0]
 
-    results = {"preset": args.preset, "activation_tokens": args.windows * cfg.block_size, "parameters": sum(v.numel() for k, v in a.items() if k != "lm_head.weight"),
+    results = {"preset": args.preset, "activation_tokens": args.windows * cfg.block_size,
+               "parameters": sum(v.numel() for k, v in a.items() if k != "lm_head.weight"),
                "threads": args.threads, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     reference = logits(b, cfg)

@@ -197,8 +197,8 @@ def summarise(rounds: list[list[dict]]) -> dict:
     out = {}
     for key, times in per_step.items():
         out[key], out[key[:-len("_s")] + "_median_s"] = min(times), statistics.median(times)
-    rows = [r for rows in rounds for r in rows]
-    out.update({k: max(r[k] for r in rows) for k in ("muon_state_mb", "peak_rss_mb")})
+    every_row = [r for rows in rounds for r in rows]
+    out.update({k: max(r[k] for r in every_row) for k in ("muon_state_mb", "peak_rss_mb")})
     out["ns_s"] = min(max(r["ns_s"] for r in rows) for rows in rounds)  # slowest rank, best round
     out["ns_matrices_per_rank"] = [r["ns_matrices"] for r in rounds[0]]
     out["ns_share"] = out["ns_s"] / out["train_step_s"]

@@ -165,6 +165,11 @@ def _best_transform(symmetry: Symmetry, correlation: torch.Tensor) -> torch.Tens
     return basis @ (u @ vh) @ basis.T + torch.full_like(correlation, 1.0 / symmetry.size)
 
 
+def _moved_indices(symmetries: list[Symmetry], transforms: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Per permutation: how many indices it moves."""
+    return {s.name: int((transforms[s.name] != identity(s)).sum()) for s in symmetries if s.kind == "permutation"}
+
+
 @dataclass
 class MatchResult:
     transforms: dict[str, torch.Tensor]
@@ -222,8 +227,7 @@ def weight_matching(a: State, b: State, symmetries: list[Symmetry], max_sweeps: 
             if moved:
                 dirty |= neighbours[sym.name]
             transforms[sym.name] = new
-    changed = {s.name: int((transforms[s.name] != identity(s)).sum()) for s in symmetries if s.kind == "permutation"}
-    return MatchResult(transforms, before, similarity(), sweeps, changed)
+    return MatchResult(transforms, before, similarity(), sweeps, _moved_indices(symmetries, transforms))
 
 
 def _activation_axes(model: GPT, symmetry: Symmetry) -> list[tuple[str, Axis]]:
@@ -295,9 +299,8 @@ def activation_matching(a: State, b: State, cfg: ModelConfig, symmetries: list[S
             total += (c[torch.arange(s.size), m].sum() if m.dim() == 1 else (m * c).sum()).item()
         return total / tokens
 
-    changed = {s.name: int((transforms[s.name] != identity(s)).sum()) for s in symmetries if s.kind == "permutation"}
     return MatchResult(transforms, similarity({s.name: identity(s) for s in symmetries}), similarity(transforms), 1,
-                       changed)
+                       _moved_indices(symmetries, transforms))
 
 
 # --- function-preserving canonical form -----------------------------------------------------------
@@ -354,6 +357,9 @@ def canonical_form(state: State, cfg: ModelConfig) -> tuple[State, ModelConfig]:
 
 # --- aligning one checkpoint to another -------------------------------------------------------------
 
+_NEEDS_WINDOWS = "align.method=activations needs validation windows: give --data.dir"
+
+
 @dataclass
 class AlignConfig:
     # weights: match the weights (no data); activations: match activations on validation windows
@@ -375,7 +381,7 @@ def align(a: State, b: State, cfg: ModelConfig, settings: Optional[AlignConfig] 
     if not (settings.heads or settings.units or settings.residual):
         raise ModeconnError("align: nothing to align (heads, units and residual are all off)")
     if settings.method == "activations" and batches is None:
-        raise ConfigError("align.method=activations needs validation windows: give --data.dir")
+        raise ConfigError(_NEEDS_WINDOWS)
     if settings.residual:
         (a, _), (b, cfg) = canonical_form(a, cfg), canonical_form(b, cfg)
     symmetries = gpt2_symmetries(cfg, settings.heads, settings.units, settings.residual)
@@ -403,7 +409,7 @@ def align_checkpoints(reference: Path, checkpoint: Path, out: Path, settings: Al
     if settings.residual and reference_out is None:
         raise ConfigError("align: residual alignment changes the reference's form too; give reference_out")
     if settings.method == "activations" and data is None:
-        raise ConfigError("align.method=activations needs validation windows: give --data.dir")
+        raise ConfigError(_NEEDS_WINDOWS)
     for target in (out, reference_out):
         if target is not None and Path(target).exists():
             raise CheckpointError(f"{target} already exists; refusing to overwrite it")

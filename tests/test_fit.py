@@ -39,10 +39,15 @@ def _barriers(out, data_dir, **spec) -> dict[str, float]:
         return {row["path"]: float(row["loss_barrier"]) for row in csv.DictReader(f)}
 
 
-def test_the_free_point_is_trained_through_its_coefficient_only(runs):
+def _two_run_point(runs, kind: str, cfg=CONFIG) -> tuple[PathPoint, list[dict]]:
+    """A path point between the runs of init seeds 0 and 1, and those runs' weights."""
     _, found, _ = runs
     frozen = [load_hf(found[s])[1] for s in ("seed0", "seed1")]
-    point = PathPoint(PathFitConfig("bezier", [found["seed0"], found["seed1"]]), CONFIG, frozen, seed=0, rank=0)
+    return PathPoint(PathFitConfig(kind, [found["seed0"], found["seed1"]]), cfg, frozen, seed=0, rank=0), frozen
+
+
+def test_the_free_point_is_trained_through_its_coefficient_only(runs):
+    point, frozen = _two_run_point(runs, "bezier")
     for name, p in point.named_parameters():  # starts on the straight line: the endpoints' mean
         assert torch.allclose(p, 0.5 * (frozen[0][name] + frozen[1][name]))
     weights = point.weights_at(Path("bezier", ("A", "free", "B")), 0.3)
@@ -58,10 +63,7 @@ def test_the_free_point_is_trained_through_its_coefficient_only(runs):
 
 def test_the_point_follows_the_modules_mode(runs):
     """Dropout acts in training and not in validation (the weightless architecture follows the mode)."""
-    _, found, _ = runs
-    frozen = [load_hf(found[s])[1] for s in ("seed0", "seed1")]
-    point = PathPoint(PathFitConfig("chain", [found["seed0"], found["seed1"]]), dataclasses.replace(CONFIG, dropout=0.5),
-                      frozen, seed=0, rank=0)
+    point, _ = _two_run_point(runs, "chain", dataclasses.replace(CONFIG, dropout=0.5))
     idx = torch.arange(CONFIG.block_size).view(1, -1) % CONFIG.vocab_size
     point.eval()
     assert torch.equal(point(idx)[0], point(idx)[0])
@@ -71,12 +73,10 @@ def test_the_point_follows_the_modules_mode(runs):
 
 
 def test_activation_checkpointing_recomputes_with_the_points_weights(runs):
-    _, found, _ = runs
-    frozen = [load_hf(found[s])[1] for s in ("seed0", "seed1")]
     idx = torch.arange(CONFIG.block_size).view(1, -1) % CONFIG.vocab_size
     grads, calls = [], []
     for recompute in (False, True):
-        point = PathPoint(PathFitConfig("chain", [found["seed0"], found["seed1"]]), CONFIG, frozen, seed=0, rank=0)
+        point, _ = _two_run_point(runs, "chain")
         point.checkpoint_blocks = recompute
         block = point._architecture.net.transformer.h[0]
         block.forward = lambda x, run=block.forward, flag=recompute: (calls.append(flag), run(x))[1]

@@ -104,6 +104,7 @@ class PartitionExchange:
         # order: both sort each sender-owner pair's pieces by (matrix, start).
         self.local = sorted((p for p in pieces if p.rank == rank), key=lambda p: (self.owners[p.matrix], p.matrix, p.start))
         self.sent = [i for i, p in enumerate(self.local) if self.owners[p.matrix] != rank]  # indices into local
+        self.sent_pieces = [self.local[i] for i in self.sent]
         self.kept = [(i, where[p.matrix] + p.start) for i, p in enumerate(self.local) if self.owners[p.matrix] == rank]
         self.send_splits = [sum(p.numel for p in self.local if self.owners[p.matrix] == d) if d != rank else 0
                             for d in range(world_size)]
@@ -120,8 +121,7 @@ class PartitionExchange:
         """NS of every matrix in the flat `update`; returns the results for `self.local`, in order.
         Collective over the group: every rank calls it for the same partition."""
         device = update.device
-        sent = [self.local[i] for i in self.sent]
-        send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in sent]).to(dtype) if sent
+        send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in self.sent_pieces]).to(dtype) if self.sent
                 else torch.empty(0, dtype=dtype, device=device))
         recv = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
         dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=self.group)
@@ -143,7 +143,7 @@ class PartitionExchange:
         results = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
         dist.all_to_all_single(results, back, self.send_splits, self.recv_splits, group=self.group)
         out: list[Optional[torch.Tensor]] = [None] * len(self.local)
-        for i, result in zip(self.sent, results.split([p.numel for p in sent])):
+        for i, result in zip(self.sent, results.split([p.numel for p in self.sent_pieces])):
             out[i] = result
         for i, at in self.kept:
             out[i] = owned.narrow(0, at, self.local[i].numel)
