@@ -66,7 +66,8 @@ def _train_distributed(rank, world_size, stage, out, zero_extra=None):
                       if partitions is not None else None)
     owned = [(m.param, m.row_start) for m in optimizer.owned_matrices()]
     report = {"momentum": momentum, "muon_partition": muon_partition, "owned": owned,
-              "muon_partitions": len(optimizer._partition_exchange)}
+              "muon_partitions": len(optimizer._partition_exchange),
+              "travels": [plan.travels for plan in optimizer._partition_exchange.values()]}
     everyone = [None] * world_size
     dist.all_gather_object(everyone, report)
     weights = gather_weights(model)
@@ -117,6 +118,8 @@ def test_distributed_muon_equals_one_process(stage, world_size, tmp_path):
     assert all(r["owned"] for r in result["ranks"])  # ... and every rank takes a share
     if zero_extra:
         assert all(r["muon_partitions"] > 1 for r in result["ranks"])
+    if stage in (1, 2):  # 2 ranks cut between the layers: nothing travels, the collectives are skipped
+        assert result["ranks"][0]["travels"] == [world_size == 3]
     for r in result["ranks"]:
         if stage == 0:  # whole parameters on every rank
             assert r["momentum"] == muon_numel
@@ -124,6 +127,7 @@ def test_distributed_muon_equals_one_process(stage, world_size, tmp_path):
             assert r["momentum"] == r["muon_partition"]
             assert muon_numel / world_size <= r["momentum"] <= muon_numel / world_size + 64 * world_size, r
     print(json.dumps({"stage": stage, "world_size": world_size, "worst_muon": worst_muon, "worst_aux": worst_aux,
+                      "travels": result["ranks"][0]["travels"],
                       "momentum": [r["momentum"] for r in result["ranks"]], "muon_numel": muon_numel}))
 
 
@@ -169,3 +173,44 @@ def test_exchange_plans_agree_between_ranks_and_balance_the_work():
     assert max(loads) <= 4 / 3 * max(sum(costs) / world, max(costs))
     with pytest.raises(RuntimeError, match="cover"):
         PartitionExchange(matrices, pieces[1:], 0, world)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 7, 8])
+def test_owners_are_the_ranks_holding_the_layers(world):
+    """ZeRO-1/2 layout of GPT-2 blocks (6 layers, d=256; Q, K, V separate), cut in `world` equal
+    runs: owners keep LPT's NS makespan, and far fewer elements travel than under LPT alone."""
+    from modeconn.optim.muon import MatrixSlice
+    from modeconn.optim.muon_exchange import PartitionExchange, assign_owners, matrix_pieces, ns_cost
+    from modeconn.optim.zero_layout import Fragment
+
+    d, shapes, matrices = 256, {}, []
+    for layer in range(6):
+        for name, (rows, cols) in {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d),
+                                   "mlp.c_proj": (d, 4 * d)}.items():
+            shapes[f"h.{layer}.{name}.weight"] = (rows, cols)
+            step = d if name == "attn.c_attn" else rows
+            matrices += [MatrixSlice(f"h.{layer}.{name}.weight", r, r + step, cols) for r in range(0, rows, step)]
+    total = sum(r * c for r, c in shapes.values())
+    part = -(-total // world)
+    fragments, start = [], 0
+    for name, (rows, cols) in shapes.items():
+        for rank in range(world):
+            lo, hi = max(rank * part, start), min((rank + 1) * part, start + rows * cols)
+            if lo < hi:
+                fragments.append(Fragment(rank, name, lo - start, hi - lo, 0, lo - rank * part))
+        start += rows * cols
+    pieces = matrix_pieces(matrices, fragments)
+    plan = PartitionExchange(matrices, pieces, 0, world)
+    costs = [ns_cost(m.rows, m.cols) for m in matrices]
+
+    def makespan_and_travel(owners):
+        loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
+        return max(loads), sum(p.numel for p in pieces if p.rank != owners[p.matrix]) / total
+
+    makespan, travel = makespan_and_travel(plan.owners)
+    lpt_makespan, lpt_travel = makespan_and_travel(assign_owners(matrices, world))
+    assert makespan <= lpt_makespan
+    assert lpt_travel > 0.45 and travel < 0.12, (travel, lpt_travel)
+    assert plan.travels == (travel > 0)
+    if world in (2, 3):  # the cuts fall between layers
+        assert travel == 0

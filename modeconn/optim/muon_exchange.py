@@ -37,16 +37,33 @@ def ns_cost(rows: int, cols: int) -> int:
 
 def assign_owners(matrices: list[MatrixSlice], world_size: int,
                   held: Optional[list[dict[int, int]]] = None) -> list[int]:
-    """Largest NS cost first, each matrix to the least-loaded rank (the greedy LPT schedule, within
-    4/3 of the best makespan); ties go to the rank already holding most of the matrix, then the lowest."""
-    load = [0] * world_size
-    owners = [0] * len(matrices)
-    for k in sorted(range(len(matrices)), key=lambda k: (-ns_cost(matrices[k].rows, matrices[k].cols), k)):
-        holding = held[k] if held else {}
-        owner = min(range(world_size), key=lambda r: (load[r], -holding.get(r, 0), r))
-        owners[k] = owner
-        load[owner] += ns_cost(matrices[k].rows, matrices[k].cols)
-    return owners
+    """Balance the NS cost over the ranks first, then keep each matrix where its elements already are.
+
+    The greedy LPT schedule (largest cost first, each matrix to the least-loaded rank; within 4/3 of
+    the best makespan) sets the bound M. With `held` (elements of matrix k on each rank), matrices are
+    then packed largest first onto the rank holding most of them among those that stay within M
+    (else the least-loaded); that packing is kept if it meets M, which is the usual case at ZeRO-1/2,
+    where each rank holds a contiguous run of layers and hardly anything has to travel."""
+    order = sorted(range(len(matrices)), key=lambda k: (-ns_cost(matrices[k].rows, matrices[k].cols), k))
+    cost = [ns_cost(m.rows, m.cols) for m in matrices]
+
+    def schedule(prefer) -> tuple[list[int], int]:
+        load, owners = [0] * world_size, [0] * len(matrices)
+        for k in order:
+            owners[k] = owner = min(range(world_size), key=lambda r: prefer(k, r, load))
+            load[owner] += cost[k]
+        return owners, max(load)
+
+    balanced, makespan = schedule(lambda k, r, load: (load[r], r))
+    if not held:
+        return balanced
+
+    def holder_within_bound(k, r, load):
+        over = load[r] + cost[k] > makespan
+        return over, 0 if over else -held[k].get(r, 0), load[r], r
+
+    local, local_makespan = schedule(holder_within_bound)
+    return local if local_makespan <= makespan else balanced
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,8 @@ class PartitionExchange:
                           key=lambda p: (p.rank, p.matrix, p.start))
         self.recv_splits = [sum(p.numel for p in incoming if p.rank == s) for s in range(world_size)]
         self.incoming = [(where[p.matrix] + p.start, p.numel) for p in incoming]  # (position in owned buffer, numel)
+        # Known alike on every rank: when no piece anywhere travels, the ranks skip the collectives together.
+        self.travels = any(p.rank != self.owners[p.matrix] for p in pieces)
 
     @property
     def owned_matrices(self) -> list[MatrixSlice]:
@@ -124,7 +143,8 @@ class PartitionExchange:
         send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in self.sent_pieces]).to(dtype) if self.sent
                 else torch.empty(0, dtype=dtype, device=device))
         recv = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=self.group)
+        if self.travels:
+            dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=self.group)
         del send
         owned = torch.empty(self.owned_numel, dtype=dtype, device=device)
         position = 0
@@ -141,7 +161,8 @@ class PartitionExchange:
         back = (torch.cat([owned.narrow(0, at, numel) for at, numel in self.incoming]) if self.incoming
                 else torch.empty(0, dtype=dtype, device=device))
         results = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(results, back, self.send_splits, self.recv_splits, group=self.group)
+        if self.travels:
+            dist.all_to_all_single(results, back, self.send_splits, self.recv_splits, group=self.group)
         out: list[Optional[torch.Tensor]] = [None] * len(self.local)
         for i, result in zip(self.sent, results.split([p.numel for p in self.sent_pieces])):
             out[i] = result
