@@ -21,10 +21,11 @@ AdamW) and the same matrices (c_attn whole, as DeepSpeed sees it): DeepSpeed rou
 substrings ("embed", "lm_head"), which would send GPT-2's wte and wpe to Muon, so the benchmark
 registers the embeddings under an extra name containing "embed" (same modules, same computation).
 Each Muon uses its own default Newton–Schulz: ours quintic with 5 steps in fp32 on CPU, DeepSpeed's
-Gram NS in fp16 (what it picks on a CPU with fp16 matmuls); ours is also run with NS in bf16 (its
-GPU default), the same precision class, and DeepSpeed with its "standard" quintic NS (bf16), the very
-arithmetic of our bf16 row, so that pair differs only in the distribution. `ns_s` is the time of
-that NS on the matrices the rank orthogonalises, measured alone, and `ns_share` = ns_s / train_step_s.
+Gram NS in fp16 (what it picks on a CPU with fp16 matmuls). Two pairs then share their arithmetic
+and differ mainly in how the work is distributed: ours with NS in bf16 (its GPU default) against
+DeepSpeed's "standard" quintic NS (bf16), and our Gram form in fp16 (`ns_method: gram`) against
+DeepSpeed's default. `ns_s` is the time of that NS on the matrices the rank orthogonalises, measured
+alone, and `ns_share` = ns_s / train_step_s.
 
 Muon state per rank counts the tensors each Muon keeps between steps: our momentum; DeepSpeed's
 momentum plus its staged momentum copy. Prints one JSON object.
@@ -50,10 +51,14 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# ours_muon: our default on CPU (fp32 NS); ours_muon_bf16_ns: NS in bf16, as on GPU and as torch.optim.Muon.
-# deepspeed_muon: its default Gram NS (fp16 here); deepspeed_muon_standard_ns: its "standard" quintic NS, in
-# bf16, the same arithmetic as ours_muon_bf16_ns, so that pair differs only in how the work is distributed.
-OPTIMIZERS = ("ours_muon", "ours_muon_bf16_ns", "deepspeed_muon", "deepspeed_muon_standard_ns", "adamw")
+# ours_muon: our default on CPU (fp32 NS); ours_muon_bf16_ns: NS in bf16, as on GPU and as torch.optim.Muon;
+# ours_muon_gram_fp16_ns: our Gram-form NS in fp16. deepspeed_muon: its default Gram NS (fp16 here), the class
+# of arithmetic of ours_muon_gram_fp16_ns; deepspeed_muon_standard_ns: its "standard" quintic NS, in bf16, the
+# same arithmetic as ours_muon_bf16_ns. Those pairs differ mainly in how the work is distributed.
+OPTIMIZERS = ("ours_muon", "ours_muon_bf16_ns", "ours_muon_gram_fp16_ns", "deepspeed_muon",
+              "deepspeed_muon_standard_ns", "adamw")
+OURS_NS = {"ours_muon": dict(ns_dtype="float32"), "ours_muon_bf16_ns": dict(ns_dtype="bfloat16"),
+           "ours_muon_gram_fp16_ns": dict(ns_dtype="float16", ns_method="gram")}
 DEEPSPEED_NS_METHOD = {"deepspeed_muon": "gram", "deepspeed_muon_standard_ns": "standard"}
 
 
@@ -91,12 +96,12 @@ def _muon_state(engine, optimizer_name: str) -> int:
 
 def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
     """Seconds of this rank's Newton–Schulz work per step, measured alone, and its matrix count."""
-    if optimizer_name.startswith("ours"):
-        from modeconn.optim.muon import newton_schulz, resolve_dtype
+    if optimizer_name in OURS_NS:
+        from modeconn.optim.muon import orthogonalise, resolve_dtype
 
         shapes = [(m.rows, m.cols) for m in ours.owned_matrices()]
-        dtype = resolve_dtype(ours.cfg.ns_dtype, torch.device("cpu"))
-        run = lambda g: newton_schulz(g, 5, dtype=dtype)  # noqa: E731
+        dtype = resolve_dtype(ours.cfg, torch.device("cpu"))
+        run = lambda g: orthogonalise(g, ours.cfg, dtype)  # noqa: E731
     else:
         from deepspeed.runtime.zero.muon.original_muon import (zeropower_via_gram_newtonschulz,
                                                                zeropower_via_newtonschulz5)
@@ -140,12 +145,11 @@ def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: st
                                                           "ns_method": DEEPSPEED_NS_METHOD[optimizer_name]}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     else:
-        ns_dtype = "bfloat16" if optimizer_name == "ours_muon_bf16_ns" else "float32"
-        cfg = (OptimConfig(name="muon", lr=0.02, muon=MuonConfig(ns_dtype=ns_dtype, split_qkv=False))
-               if optimizer_name.startswith("ours") else OptimConfig(name="adamw", lr=3e-3))
+        cfg = (OptimConfig(name="muon", lr=0.02, muon=MuonConfig(**OURS_NS[optimizer_name], split_qkv=False))
+               if optimizer_name in OURS_NS else OptimConfig(name="adamw", lr=3e-3))
         ours = build_optimizer(model, cfg)
         engine, *_ = deepspeed.initialize(model=model, optimizer=ours, config=config)
-        if optimizer_name.startswith("ours"):
+        if optimizer_name in OURS_NS:
             ours.attach(engine, model)
         else:
             ours = None
@@ -229,7 +233,7 @@ def main() -> None:
         runs = {name: summarise(measured[stage, name]) for name in OPTIMIZERS}
         ds, adamw = runs["deepspeed_muon"], runs["adamw"]
         ratios = {"train_step_deepspeed_muon_over_adamw": ds["train_step_s"] / adamw["train_step_s"]}
-        for name in ("ours_muon", "ours_muon_bf16_ns"):
+        for name in OURS_NS:
             ours = runs[name]
             ratios.update({
                 f"train_step_{name}_over_deepspeed_muon": ours["train_step_s"] / ds["train_step_s"],

@@ -74,6 +74,8 @@ def test_lion_is_elementwise_so_flat_partitions_give_the_same_update():
 def test_build_optimizer(name, cls):
     opt = build_optimizer(GPT(ModelConfig.from_preset("tiny")), OptimConfig(name=name, lr=0.01))
     assert isinstance(opt, cls) and all(g["initial_lr"] == 0.01 for g in opt.param_groups)
+    if name == "adamw":
+        assert opt.defaults["fused"]  # torch's fused kernel on CPU and CUDA
 
 
 def test_schedules():

@@ -97,8 +97,11 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def _adamw(model, cfg):
+    # torch's fused kernel, as nanoGPT uses on CUDA; on CPU the default single-tensor path spends most
+    # of a step in elementwise calls (79 ms of sqrt per step at paper-small, benchmarks/RESULTS.md)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas or DEFAULT_BETAS["adamw"]),
-                             eps=cfg.eps)
+                             eps=cfg.eps, fused=fused or None)
 
 
 def _sgd(model, cfg):

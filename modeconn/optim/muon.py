@@ -22,6 +22,7 @@ on the raw gradient, before the momentum, and NS runs once per optimizer step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
@@ -44,7 +45,10 @@ class MuonConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: list[float] = field(default_factory=lambda: list(DEFAULT_COEFFICIENTS))
-    ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    ns_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU; see resolve_dtype
+    # gram: the same iteration on each matrix's Gram matrix where that takes fewer flops (long side
+    # > 1.5x the short: MLP and fused-QKV weights); equal to rounding, not bit for bit
+    ns_method: Literal["standard", "gram"] = "standard"
     eps: float = 1e-7
     scale: ScaleMode = "original"
     split_qkv: bool = True  # Q, K, V orthogonalised as separate matrices (the seed study)
@@ -55,6 +59,20 @@ class MuonConfig:
             raise ConfigError("optim.muon: ns_coefficients must be 3 numbers, ns_steps >= 1, momentum in [0, 1)")
         if self.split_heads and not self.split_qkv:
             raise ConfigError("optim.muon.split_heads needs split_qkv")
+        if self.ns_method not in ("standard", "gram"):
+            raise ConfigError(f"optim.muon.ns_method must be standard or gram, got {self.ns_method!r}")
+        if self.ns_method == "gram" and self.ns_dtype == "bfloat16":
+            raise ConfigError("optim.muon.ns_method gram needs ns_dtype float32, float16 or auto: in bf16 the Gram "
+                              "form's error is 2-4x the standard form's")
+
+
+def _wide_normalised(g: torch.Tensor, dtype: torch.dtype, eps: float) -> tuple[torch.Tensor, bool]:
+    """g in `dtype`, transposed if tall, divided by its Frobenius norm; and whether it was tall."""
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    return x / x.norm().clamp(min=eps), tall
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
@@ -62,15 +80,59 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICI
     """Approximate U V^T of g = U S V^T (singular values pushed into about [0.7, 1.2]).
     The same operations, in the same order, as torch.optim.Muon's, so bf16 results agree bit for bit."""
     a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+    x, tall = _wide_normalised(g, dtype, eps)
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+GRAM_RESTART = 3  # the Gram form re-forms X and its Gram matrix every 3 steps
+
+
+def gram_newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`newton_schulz`'s iteration on the Gram matrix of the wide orientation X (m x n, m <= n), after
+    Dao et al. (2026). With X_k = Q_k X_0 and G_k = X_k X_k^T, a step X_{k+1} = P_k X_k, where
+    P_k = aI + bG_k + cG_k^2, is Q_{k+1} = P_k Q_k and G_{k+1} = P_k G_k P_k: m x m products, and X is
+    multiplied only to form G and at the end. The iteration corrects rounding errors in X but not in
+    G, so X and G are formed afresh every GRAM_RESTART steps (half precision drifts without it)."""
+    a, b, c = coefficients
+    x, tall = _wide_normalised(g, dtype, eps)
+    gram, q = x @ x.T, None
+    for k in range(1, steps + 1):
+        p = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        p.diagonal().add_(a)
+        q = p if q is None else p @ q
+        if k == steps:
+            break
+        if k % GRAM_RESTART == 0:
+            x, q = q @ x, None
+            gram = x @ x.T
+        else:
+            gram = p @ gram @ p
+    x = q @ x
+    return x.T if tall else x
+
+
+def ns_multiply_adds(rows: int, cols: int, steps: int = 5, method: str = "standard") -> int:
+    """Multiply-adds of one matrix's Newton–Schulz, on the wide orientation (m <= n). Standard: per
+    step X X^T (m^2 n), the polynomial (m^3), its product with X (m^2 n). Gram (where cheaper): X is
+    multiplied twice per restart; per step P (m^3), Q (m^3) and G (2 m^3) except where skipped."""
+    m, n = sorted((rows, cols))
+    standard = steps * m * m * (2 * n + m)
+    if method != "gram":
+        return standard
+    restarts = (steps - 1) // GRAM_RESTART
+    return min(standard, (2 + 2 * restarts) * m * m * n + (4 * steps - 3 - 3 * restarts) * m ** 3)
+
+
+def orthogonalise(g: torch.Tensor, cfg: MuonConfig, dtype: torch.dtype) -> torch.Tensor:
+    """NS of one matrix as `cfg` asks: the Gram form where it is asked for and takes fewer flops."""
+    args = (cfg.ns_steps, tuple(cfg.ns_coefficients), cfg.eps, dtype)
+    if ns_multiply_adds(*g.shape, cfg.ns_steps, cfg.ns_method) < ns_multiply_adds(*g.shape, cfg.ns_steps):
+        return gram_newton_schulz(g, *args)
+    return newton_schulz(g, *args)
 
 
 def update_scale(rows: int, cols: int, mode: ScaleMode) -> float:
@@ -104,20 +166,24 @@ def muon_matrices(name: str, shape: tuple[int, int], n_head: int, cfg: MuonConfi
     return [MatrixSlice(name, 0, rows, cols)]
 
 
-def resolve_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
-    if ns_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns_dtype]
+def resolve_dtype(cfg: MuonConfig, device: torch.device) -> torch.dtype:
+    """`ns_dtype`; auto is fp32 on CPU and, on GPU, bf16 for the standard form (torch.optim.Muon's
+    arithmetic) and fp16 for the Gram form, whose m x m products need fp16's longer mantissa."""
+    if cfg.ns_dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if cfg.ns_method == "gram" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.ns_dtype]
 
 
 def apply_update(p: torch.Tensor, update: torch.Tensor, matrices: list[MatrixSlice], lr: float, wd: float,
                  cfg: MuonConfig, dtype: Optional[torch.dtype] = None) -> None:
     """Decay `p`, then subtract lr * scale * NS(update) matrix by matrix (rows of `p`). The lr and
     the scale are one factor, as in torch.optim.Muon, so the rounding is the same."""
-    dtype = dtype or resolve_dtype(cfg.ns_dtype, update.device)
+    dtype = dtype or resolve_dtype(cfg, update.device)
     p.mul_(1 - lr * wd)
     for m in matrices:
-        orth = newton_schulz(update[m.row_start:m.row_end], cfg.ns_steps, tuple(cfg.ns_coefficients), cfg.eps, dtype)
+        orth = orthogonalise(update[m.row_start:m.row_end], cfg, dtype)
         p[m.row_start:m.row_end].add_(orth, alpha=-lr * update_scale(m.rows, m.cols, cfg.scale))
 
 
@@ -150,6 +216,7 @@ class Muon(torch.optim.Optimizer):
         from modeconn.optim.zero_layout import flat_partitions, partition_layout
 
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        cost = functools.partial(ns_multiply_adds, steps=self.cfg.ns_steps, method=self.cfg.ns_method)
         muon_groups = [g for g in self.param_groups if g["use_muon"]]
         matrices = {name: slices for g in muon_groups for name, slices in zip(g["names"], g["matrices"])}
         partitions = flat_partitions(engine)
@@ -157,7 +224,8 @@ class Muon(torch.optim.Optimizer):
             if world_size > 1:
                 for g in muon_groups:
                     flat = [m for name in g["names"] for m in matrices[name]]
-                    self._replicated_exchange[tuple(g["names"])] = ReplicatedExchange(flat, rank, world_size)
+                    self._replicated_exchange[tuple(g["names"])] = ReplicatedExchange(flat, rank, world_size,
+                                                                                      ns_cost=cost)
             return
         layout = [f for f in partition_layout(engine, model) if f.name in matrices]
         group = getattr(engine.optimizer, "dp_process_group", None)
@@ -167,7 +235,7 @@ class Muon(torch.optim.Optimizer):
                 names = sorted({f.name for f in fragments}, key=list(matrices).index)
                 slices = [m for name in names for m in matrices[name]]
                 self._partition_exchange[id(flat_partition)] = PartitionExchange(
-                    slices, matrix_pieces(slices, fragments), rank, world_size, group)
+                    slices, matrix_pieces(slices, fragments), rank, world_size, group, cost)
 
     def owned_matrices(self) -> list[MatrixSlice]:
         """The matrices this rank orthogonalises (all of them when unattached)."""
@@ -203,8 +271,7 @@ class Muon(torch.optim.Optimizer):
         return p.grad.lerp(buf, self.cfg.momentum) if self.cfg.nesterov else buf
 
     def _ns(self, dtype: torch.dtype):
-        cfg = self.cfg
-        return lambda x: newton_schulz(x, cfg.ns_steps, tuple(cfg.ns_coefficients), cfg.eps, dtype)
+        return lambda x: orthogonalise(x, self.cfg, dtype)
 
     def _muon_partitions(self, group: dict) -> None:
         lr, wd, scale = group["lr"], group["weight_decay"], self.cfg.scale
@@ -213,7 +280,7 @@ class Muon(torch.optim.Optimizer):
             if plan is None:
                 raise RuntimeError(f"Muon: a flat partition of {flat.numel()} elements that attach() did not see "
                                    f"(optimizer offload and parameter swapping are not supported with Muon)")
-            dtype = resolve_dtype(self.cfg.ns_dtype, flat.device)
+            dtype = resolve_dtype(self.cfg, flat.device)
             results = plan.orthogonalise(self._momentum(flat), dtype, self._ns(dtype))
             flat.mul_(1 - lr * wd)
             for piece, orth in zip(plan.local, results):
@@ -237,7 +304,7 @@ class Muon(torch.optim.Optimizer):
             for p, update, slices in work:
                 apply_update(p, update, slices, lr, wd, self.cfg)
             return
-        dtype = resolve_dtype(self.cfg.ns_dtype, work[0][0].device)
+        dtype = resolve_dtype(self.cfg, work[0][0].device)
         results = iter(exchange.orthogonalise([u[m.row_start:m.row_end] for _, u, slices in work for m in slices],
                                               dtype, self._ns(dtype)))
         for p, _, slices in work:

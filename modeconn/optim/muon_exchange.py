@@ -15,28 +15,20 @@ knows every split size, and both sides of each exchange list pieces in the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from modeconn.optim.muon import MatrixSlice, ns_multiply_adds
 from modeconn.optim.zero_layout import Fragment
 
-if TYPE_CHECKING:
-    from modeconn.optim.muon import MatrixSlice
-
 Orthogonalise = Callable[[torch.Tensor], torch.Tensor]
+NSCost = Callable[[int, int], int]  # (rows, cols) -> the work of one matrix's NS, for balancing
 
 
-def ns_cost(rows: int, cols: int) -> int:
-    """Multiply-adds of one Newton–Schulz iteration on the wide orientation (m <= n): X X^T (m^2 n),
-    the m x m polynomial (m^3) and its product with X (m^2 n)."""
-    m, n = sorted((rows, cols))
-    return m * m * (2 * n + m)
-
-
-def assign_owners(matrices: list[MatrixSlice], world_size: int,
-                  held: Optional[list[dict[int, int]]] = None) -> list[int]:
+def assign_owners(matrices: list[MatrixSlice], world_size: int, held: Optional[list[dict[int, int]]] = None,
+                  ns_cost: NSCost = ns_multiply_adds) -> list[int]:
     """Balance the NS cost over the ranks first, then keep each matrix where its elements already are.
 
     The greedy LPT schedule (largest cost first, each matrix to the least-loaded rank; within 4/3 of
@@ -44,8 +36,8 @@ def assign_owners(matrices: list[MatrixSlice], world_size: int,
     then packed largest first onto the rank holding most of them among those that stay within M
     (else the least-loaded); that packing is kept if it meets M, which is the usual case at ZeRO-1/2,
     where each rank holds a contiguous run of layers and hardly anything has to travel."""
-    order = sorted(range(len(matrices)), key=lambda k: (-ns_cost(matrices[k].rows, matrices[k].cols), k))
     cost = [ns_cost(m.rows, m.cols) for m in matrices]
+    order = sorted(range(len(matrices)), key=lambda k: (-cost[k], k))
 
     def schedule(prefer) -> tuple[list[int], int]:
         load, owners = [0] * world_size, [0] * len(matrices)
@@ -96,7 +88,8 @@ class PartitionExchange:
     """One flat partition's Muon matrices (a ZeRO parameter group, or a ZeRO-3 sub-group), as seen
     from `rank`: what it sends to whom, what it owns, what comes back."""
 
-    def __init__(self, matrices: list[MatrixSlice], pieces: list[Piece], rank: int, world_size: int, group=None):
+    def __init__(self, matrices: list[MatrixSlice], pieces: list[Piece], rank: int, world_size: int, group=None,
+                 ns_cost: NSCost = ns_multiply_adds):
         covered = [0] * len(matrices)
         held: list[dict[int, int]] = [{} for _ in matrices]
         for p in pieces:
@@ -107,7 +100,7 @@ class PartitionExchange:
                 raise RuntimeError(f"Muon: the ZeRO fragments of {m.param} rows {m.row_start}:{m.row_end} cover "
                                    f"{n} of its {m.rows * m.cols} elements")
         self.matrices, self.group = matrices, group
-        self.owners = assign_owners(matrices, world_size, held)
+        self.owners = assign_owners(matrices, world_size, held, ns_cost)
         self.owned: list[tuple[int, int]] = []  # (matrix, offset in the owned buffer)
         offset = 0
         for k, m in enumerate(matrices):
@@ -174,9 +167,10 @@ class PartitionExchange:
 class ReplicatedExchange:
     """ZeRO-0: every rank holds every matrix whole. Owners orthogonalise; one all_gather shares the results."""
 
-    def __init__(self, matrices: list[MatrixSlice], rank: int, world_size: int, group=None):
+    def __init__(self, matrices: list[MatrixSlice], rank: int, world_size: int, group=None,
+                 ns_cost: NSCost = ns_multiply_adds):
         self.matrices, self.rank, self.world_size, self.group = matrices, rank, world_size, group
-        self.owners = assign_owners(matrices, world_size)
+        self.owners = assign_owners(matrices, world_size, ns_cost=ns_cost)
         self.offsets, loads = [], [0] * world_size
         for k, m in enumerate(matrices):
             self.offsets.append(loads[self.owners[k]])
