@@ -2,19 +2,25 @@
 (`"optimizer": {"type": "Muon"}`) vs AdamW, side by side in one run.
 
     python benchmarks/muon_step.py [--preset paper-small] [--stages 1 2] [--ranks 2] [--steps 15] [--rounds 2]
+                                   [--optimizers NAME ...]
 
 Each (stage, optimizer) runs in its own group of gloo CPU processes (one thread each, fp32
 weights), so each peak RSS is that configuration's own. Per rank and step we time the forward +
 backward and `engine.step()` separately: DeepSpeed's Muon does its momentum and Newton–Schulz
-while it reduces gradients (inside backward at ZeRO-2, inside step at ZeRO-1), so the sum of both,
-`train_step_s`, is the fair comparison, and `engine_step_s` is reported next to it. The default
-micro-batch is small (2 x 64 tokens) so that the optimizer, not the 50257-way head, dominates the
-step: a step's optimizer work is the same at any batch size.
+while it reduces gradients, at the end of backward (its gradient-partition epilogue, at ZeRO-1 and
+2 alike in DeepSpeed 0.19), so the sum of both, `train_step_s`, is the fair comparison;
+`engine_step_s` is reported next to it. The default micro-batch is small (2 x 64 tokens) so that
+the optimizer, not the 50257-way head, dominates the step: a step's optimizer work is the same at
+any batch size.
 
 Timing on a shared machine: every step starts at a barrier, so a step takes as long as its slowest
 rank; configurations run in `--rounds` interleaved rounds, so that a slow spell of the machine hits
 all of them; each time is reported as the minimum over all timed steps (noise only ever adds time,
-as with `timeit`) and as the median. Ratios use the minimum.
+as with `timeit`) and as the median. Ratios use the minimum. Next to the wall times, `*_cpu_s` are
+the CPU seconds of each rank's main thread (torch runs on it, one thread), slowest rank per step,
+minimum over steps: the compute on a step's critical path, without waiting for the other ranks or
+for the machine (steal time is not CPU time), hence usable with more ranks than cores; gloo's
+transfers run on its own threads and are left out of them.
 
 Both Muons get the same routing (block matrices to Muon; embeddings, head, gains and biases to
 AdamW) and the same matrices (c_attn whole, as DeepSpeed sees it): DeepSpeed routes by name
@@ -25,7 +31,7 @@ Gram NS in fp16 (what it picks on a CPU with fp16 matmuls). Two pairs then share
 and differ mainly in how the work is distributed: ours with NS in bf16 (its GPU default) against
 DeepSpeed's "standard" quintic NS (bf16), and our Gram form in fp16 (`ns_method: gram`) against
 DeepSpeed's default. `ns_s` is the time of that NS on the matrices the rank orthogonalises, measured
-alone, and `ns_share` = ns_s / train_step_s.
+alone (one rank at a time, best of 3) for the slowest rank, and `ns_share` = ns_s / train_step_s.
 
 Muon state per rank counts the tensors each Muon keeps between steps: our momentum; DeepSpeed's
 momentum plus its staged momentum copy. Prints one JSON object.
@@ -116,10 +122,18 @@ def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
     inputs = [torch.randn(*s) for s in shapes]
     for g in inputs:
         run(g)  # warm-up (and compilation for each shape, for DeepSpeed's)
-    start = time.perf_counter()
-    for g in inputs:
-        run(g)
-    return time.perf_counter() - start, len(shapes)
+    def timed() -> float:
+        start = time.perf_counter()
+        for g in inputs:
+            run(g)
+        return time.perf_counter() - start
+
+    seconds = 0.0
+    for turn in range(dist.get_world_size()):  # one rank at a time, so that ranks do not share cores
+        dist.barrier()
+        if turn == dist.get_rank():
+            seconds = min(timed() for _ in range(3))
+    return seconds, len(shapes)
 
 
 def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: str, out: str) -> None:
@@ -154,20 +168,23 @@ def _rank(rank: int, world: int, port: int, args, stage: int, optimizer_name: st
         else:
             ours = None
     gen = torch.Generator().manual_seed(rank)
-    fwd_bwd, step = [], []  # per timed step
+    fwd_bwd, step, fwd_bwd_cpu, step_cpu = [], [], [], []  # per timed step
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, model.config.vocab_size, (args.micro_batch, args.block + 1), generator=gen)
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         engine.backward(engine(x[:, :-1], x[:, 1:])[1])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         engine.step()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         if i >= args.warmup:
             fwd_bwd.append(t1 - t0)
             step.append(t2 - t1)
+            fwd_bwd_cpu.append(c1 - c0)
+            step_cpu.append(c2 - c1)
     ns_s, ns_matrices = (_ns_time(optimizer_name, engine, model, ours) if optimizer_name != "adamw" else (0.0, 0))
-    row = {"rank": rank, "forward_backward_s": fwd_bwd, "engine_step_s": step, "ns_s": ns_s, "ns_matrices": ns_matrices,
+    row = {"rank": rank, "forward_backward_s": fwd_bwd, "engine_step_s": step, "forward_backward_cpu_s": fwd_bwd_cpu,
+           "engine_step_cpu_s": step_cpu, "ns_s": ns_s, "ns_matrices": ns_matrices,
            "muon_state_mb": _muon_state(engine, optimizer_name) / 2 ** 20,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     Path(out, f"{rank}.json").write_text(json.dumps(row))
@@ -192,20 +209,45 @@ def run_config(args, stage: int, optimizer_name: str) -> list[dict]:
 def summarise(rounds: list[list[dict]]) -> dict:
     """One configuration's rounds (each a list of per-rank rows). The slowest rank sets the pace of
     each synchronous step; memory per rank is its largest."""
-    per_step = {"forward_backward_s": [], "engine_step_s": [], "train_step_s": []}
-    for rows in rounds:
-        for fwd_bwd, step in zip(zip(*(r["forward_backward_s"] for r in rows)), zip(*(r["engine_step_s"] for r in rows))):
-            per_step["forward_backward_s"].append(max(fwd_bwd))
-            per_step["engine_step_s"].append(max(step))
-            per_step["train_step_s"].append(max(a + b for a, b in zip(fwd_bwd, step)))
     out = {}
-    for key, times in per_step.items():
-        out[key], out[key[:-len("_s")] + "_median_s"] = min(times), statistics.median(times)
+    for clock in ("_s", "_cpu_s"):
+        per_step = {"forward_backward": [], "engine_step": [], "train_step": []}
+        for rows in rounds:
+            for fwd_bwd, step in zip(zip(*(r["forward_backward" + clock] for r in rows)),
+                                     zip(*(r["engine_step" + clock] for r in rows))):
+                per_step["forward_backward"].append(max(fwd_bwd))
+                per_step["engine_step"].append(max(step))
+                per_step["train_step"].append(max(a + b for a, b in zip(fwd_bwd, step)))
+        for key, times in per_step.items():
+            out[key + clock], out[key + "_median" + clock] = min(times), statistics.median(times)
     every_row = [r for rows in rounds for r in rows]
     out.update({k: max(r[k] for r in every_row) for k in ("muon_state_mb", "peak_rss_mb")})
     out["ns_s"] = min(max(r["ns_s"] for r in rows) for rows in rounds)  # slowest rank, best round
     out["ns_matrices_per_rank"] = [r["ns_matrices"] for r in rounds[0]]
     out["ns_share"] = out["ns_s"] / out["train_step_s"]
+    return out
+
+
+# (ours, DeepSpeed's) with the same class of NS arithmetic: what differs is how the work is distributed
+SAME_ARITHMETIC = (("ours_muon_bf16_ns", "deepspeed_muon_standard_ns"), ("ours_muon_gram_fp16_ns", "deepspeed_muon"))
+
+
+def ratios(runs: dict) -> dict:
+    """Ours over DeepSpeed's Muon (its default, and the same-arithmetic pairs) and Muon over AdamW,
+    for the configurations that ran."""
+    out = {}
+
+    def compare(a: str, b: str, keys) -> None:
+        if a in runs and b in runs:
+            out.update({f"{key}_{a}_over_{b}": runs[a][key] / runs[b][key] for key in keys})
+
+    times = ("train_step_s", "engine_step_s", "train_step_cpu_s", "engine_step_cpu_s")
+    for name in OURS_NS:
+        compare(name, "deepspeed_muon", times + ("muon_state_mb", "peak_rss_mb"))
+        compare(name, "adamw", ("train_step_s", "train_step_cpu_s"))
+    compare("deepspeed_muon", "adamw", ("train_step_s", "train_step_cpu_s"))
+    compare(*SAME_ARITHMETIC[0], times + ("ns_s",))
+    compare(*SAME_ARITHMETIC[1], ("ns_s",))
     return out
 
 
@@ -219,35 +261,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
+                        help="the configurations to run (ratios for the pairs that ran)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = {"benchmark": "muon_step", "preset": args.preset, "ranks": args.ranks, "micro_batch": args.micro_batch,
               "block": args.block, "dtype": "float32", "device": "cpu", "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "rounds": args.rounds,
               "steps_per_round": args.steps, "stages": {}}
-    measured = {(stage, name): [] for stage in args.stages for name in OPTIMIZERS}
+    names = [name for name in OPTIMIZERS if name in args.optimizers]
+    measured = {(stage, name): [] for stage in args.stages for name in names}
     for _ in range(args.rounds):
         for stage, name in measured:
             measured[stage, name].append(run_config(args, stage, name))
     for stage in args.stages:
-        runs = {name: summarise(measured[stage, name]) for name in OPTIMIZERS}
-        ds, adamw = runs["deepspeed_muon"], runs["adamw"]
-        ratios = {"train_step_deepspeed_muon_over_adamw": ds["train_step_s"] / adamw["train_step_s"]}
-        for name in OURS_NS:
-            ours = runs[name]
-            ratios.update({
-                f"train_step_{name}_over_deepspeed_muon": ours["train_step_s"] / ds["train_step_s"],
-                f"engine_step_{name}_over_deepspeed_muon": ours["engine_step_s"] / ds["engine_step_s"],
-                f"muon_state_{name}_over_deepspeed_muon": ours["muon_state_mb"] / ds["muon_state_mb"],
-                f"peak_rss_{name}_over_deepspeed_muon": ours["peak_rss_mb"] / ds["peak_rss_mb"],
-                f"train_step_{name}_over_adamw": ours["train_step_s"] / adamw["train_step_s"]})
-        ours, ds_standard = runs["ours_muon_bf16_ns"], runs["deepspeed_muon_standard_ns"]
-        ratios.update({  # the same NS arithmetic on both sides: what remains is the distribution
-            "train_step_ours_muon_bf16_ns_over_deepspeed_muon_standard_ns":
-                ours["train_step_s"] / ds_standard["train_step_s"],
-            "engine_step_ours_muon_bf16_ns_over_deepspeed_muon_standard_ns":
-                ours["engine_step_s"] / ds_standard["engine_step_s"]})
-        runs["ratios"] = ratios
+        runs = {name: summarise(measured[stage, name]) for name in names}
+        runs["ratios"] = ratios(runs)
         result["stages"][f"zero{stage}"] = runs
         print(json.dumps({f"zero{stage}": runs["ratios"]}), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
