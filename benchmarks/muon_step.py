@@ -101,7 +101,8 @@ def _muon_state(engine, optimizer_name: str) -> int:
 
 
 def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
-    """Seconds of this rank's Newton–Schulz work per step, measured alone, and its matrix count."""
+    """Seconds of this rank's Newton–Schulz work per step, measured alone (one rank at a time, best
+    of 3), and its matrix count."""
     if optimizer_name in OURS_NS:
         from modeconn.optim.muon import orthogonalise, resolve_dtype
 
@@ -122,6 +123,7 @@ def _ns_time(optimizer_name: str, engine, model, ours) -> tuple[float, int]:
     inputs = [torch.randn(*s) for s in shapes]
     for g in inputs:
         run(g)  # warm-up (and compilation for each shape, for DeepSpeed's)
+
     def timed() -> float:
         start = time.perf_counter()
         for g in inputs:
