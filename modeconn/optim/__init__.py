@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from modeconn.errors import ConfigError
 from modeconn.optim.lion import Lion
-from modeconn.optim.muon import Muon, MuonConfig, muon_matrices
+from modeconn.optim.muon import Muon, MuonConfig, fused_adamw_supported, muon_matrices
 from modeconn.optim.roles import parameter_roles
 
 OptimizerName = Literal["adamw", "sgd", "lion", "muon"]
@@ -99,7 +99,7 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 def _adamw(model, cfg):
     # torch's fused kernel, as nanoGPT uses on CUDA; on CPU the default single-tensor path spends most
     # of a step in elementwise calls (79 ms of sqrt per step at paper-small, benchmarks/RESULTS.md)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+    fused = fused_adamw_supported(model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas or DEFAULT_BETAS["adamw"]),
                              eps=cfg.eps, fused=fused or None)
 

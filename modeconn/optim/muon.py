@@ -187,6 +187,14 @@ def apply_update(p: torch.Tensor, update: torch.Tensor, matrices: list[MatrixSli
         p[m.row_start:m.row_end].add_(orth, alpha=-lr * update_scale(m.rows, m.cols, cfg.scale))
 
 
+FUSED_ADAMW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_adamw_supported(params) -> bool:
+    """Whether torch's fused AdamW kernel takes all of `params` (CPU or CUDA tensors of its dtypes)."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_ADAMW_DTYPES for p in params)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon with its auxiliary AdamW in one torch optimizer, in one process or as DeepSpeed's client
     optimizer at any ZeRO stage.
@@ -324,8 +332,7 @@ class Muon(torch.optim.Optimizer):
         if not params:
             return
         (beta1, beta2), states = group["betas"], [self.state[p] for p in params]
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    for p in params)
+        fused = fused_adamw_supported(params)
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
               [s["step"] for s in states], fused=fused, foreach=None if fused else False, amsgrad=False, beta1=beta1,
               beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
