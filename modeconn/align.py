@@ -33,7 +33,7 @@ State dicts here are ours (`GPT.state_dict()` names, [out, in] layout), in fp32.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import sys
 import time
@@ -49,7 +49,8 @@ from modeconn import config as config_lib
 from modeconn.config import DataConfig
 from modeconn.data.loader import TokenWindows, ValidationSet
 from modeconn.errors import CheckpointError, ConfigError, ModeconnError
-from modeconn.hf import load_hf, save_hf
+from modeconn.hf import load_hf, read_meta, save_hf
+from modeconn.lock import lock_for_target
 from modeconn.model import GPT, ModelConfig
 from modeconn.stream import WeightSource, check_compatible
 
@@ -395,10 +396,6 @@ def align(a: State, b: State, cfg: ModelConfig, settings: Optional[AlignConfig] 
 
 # --- checkpoints and the command --------------------------------------------------------------------
 
-def _meta(path: Path) -> dict:
-    meta = Path(path) / "modeconn_meta.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
 
 def align_checkpoints(reference: Path, checkpoint: Path, out: Path, settings: AlignConfig,
                       reference_out: Optional[Path] = None, data: Optional[DataConfig] = None) -> dict:
@@ -410,11 +407,21 @@ def align_checkpoints(reference: Path, checkpoint: Path, out: Path, settings: Al
         raise ConfigError("align: residual alignment changes the reference's form too; give reference_out")
     if settings.method == "activations" and data is None:
         raise ConfigError(_NEEDS_WINDOWS)
-    for target in (out, reference_out):
-        if target is not None and Path(target).exists():
-            raise CheckpointError(f"{target} already exists; refusing to overwrite it")
+    targets = [Path(t) for t in (out, reference_out) if t is not None]
+    with contextlib.ExitStack() as held:
+        for target in targets:  # one writer per output
+            held.enter_context(lock_for_target(target, "align.py"))
+        for target in targets:
+            if target.exists():
+                raise CheckpointError(f"{target} already exists; refusing to overwrite it")
+        return _align_into(Path(reference), Path(checkpoint), Path(out), settings,
+                           Path(reference_out) if reference_out else None, data)
+
+
+def _align_into(reference: Path, checkpoint: Path, out: Path, settings: AlignConfig, reference_out: Optional[Path],
+                data: Optional[DataConfig]) -> dict:
     start = time.perf_counter()
-    check_compatible([WeightSource(Path(reference)), WeightSource(Path(checkpoint))])
+    check_compatible([WeightSource(reference), WeightSource(checkpoint)])
     cfg_a, a = load_hf(reference)
     _, b = load_hf(checkpoint)
     batches = None
@@ -426,9 +433,9 @@ def align_checkpoints(reference: Path, checkpoint: Path, out: Path, settings: Al
               "similarity_before": result.similarity_before, "similarity_after": result.similarity_after,
               "sweeps": result.sweeps, "permuted_indices": result.changed,
               "seconds": round(time.perf_counter() - start, 3)}
-    save_hf(aligned, cfg, out, metadata={**_meta(checkpoint), "alignment": report})
+    save_hf(aligned, cfg, out, metadata={**read_meta(checkpoint), "alignment": report})
     if settings.residual:
-        save_hf(a_form, cfg, reference_out, metadata={**_meta(reference), "canonical_form_of": str(reference)})
+        save_hf(a_form, cfg, reference_out, metadata={**read_meta(reference), "canonical_form_of": str(reference)})
     return report
 
 

@@ -5,16 +5,30 @@
 - `python train.py ...`: one process; we fill in a single-rank environment, so DeepSpeed does
   not go looking for MPI.
 DeepSpeed picks the backend: NCCL on GPUs, gloo on CPU.
+
+A rank that torchrun or the deepspeed launcher started ends when its launcher dies (see
+`exit_with_launcher`): torchrun starts every rank in a session of its own, so a killed launcher
+would otherwise leave its ranks running, still writing into out_dir, beside the next launch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from modeconn.errors import ModeconnError
+from modeconn.lock import OutputLock
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,40 @@ def init_distributed() -> World:
     else:
         device = torch.device("cpu")
     deepspeed.init_distributed(verbose=False)
+    exit_with_launcher()
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _launcher() -> Optional[str]:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ:  # set by deepspeed.launcher.launch
+        return "the deepspeed launcher"
+    return None
+
+
+def exit_with_launcher(poll_seconds: float = 0.5) -> None:
+    """Under torchrun or the deepspeed launcher, exit (status 1) as soon as the launcher is gone.
+
+    Decided so because the launcher is the job: when it is killed (SIGKILL, a lost node, a user's
+    kill of the wrong pid), nothing collects the ranks' results or restarts them, and an orphan
+    rank would hold the out_dir's lock or keep writing into it. Leaving is as safe as a kill at that
+    moment: checkpoints and exports are complete or invisible, and --resume=auto continues. Plain
+    `python` runs (also under nohup) and SLURM tasks (srun owns their lifetime) are not watched.
+    """
+    launcher = _launcher()
+    if launcher is None:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        print(f"rank {os.environ.get('RANK', '?')}: {launcher} (pid {parent}) is gone; exiting. Continue the run "
+              f"with --resume=auto", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -77,6 +124,51 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any (e.g. a signal that reached one rank)."""
     return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (picklable objects)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def decided_on_rank0(world: World, decide: Callable[[], T]) -> T:
+    """`decide()` runs on rank 0 only; every rank returns its result, or raises its ModeconnError
+    (bad input found by rank 0 stops every rank, none is left waiting in a collective)."""
+    outcome = None
+    if world.is_main:
+        try:
+            outcome = (decide(), None)
+        except ModeconnError as e:
+            outcome = (None, e)
+    result, error = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return result
+
+
+@contextlib.contextmanager
+def held_by_rank0(lock: OutputLock, world: World) -> Iterator[None]:
+    """Rank 0 takes `lock` (an output directory's) for the block; when it cannot, every rank
+    raises its error."""
+    decided_on_rank0(world, lambda: bool(lock.acquire()))
+    try:
+        yield
+    finally:
+        if world.is_main:
+            lock.release()
 
 
 def barrier() -> None:

@@ -21,7 +21,9 @@ from modeconn.config import DataConfig, SeedConfig
 from modeconn.data.loader import TokenWindows, ValidationSet
 from modeconn.data.tokenizer import gpt2_tokenizer
 from modeconn.data.prepare import TokenizerConfig
+from modeconn.errors import ModeconnError
 from modeconn.hf import load_model, save_hf
+from modeconn.lock import lock_for_target
 from modeconn.metrics import evaluate_lm
 from modeconn.model import GPT, ModelConfig
 
@@ -41,6 +43,15 @@ class EvaluateConfig:
 
 
 def run(cfg: EvaluateConfig) -> dict:
+    with lock_for_target(Path(cfg.out_dir), "evaluate.py"):
+        out = Path(cfg.out_dir)
+        if out.exists() and not cfg.overwrite:  # before any work
+            raise ModeconnError(f"{out} already exists; refusing to overwrite it (pass --overwrite=true or choose "
+                                f"another out_dir)")
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateConfig) -> dict:
     torch.manual_seed(cfg.seed.init)
     if cfg.init_from:
         model = load_model(Path(cfg.init_from))

@@ -13,23 +13,27 @@ Full tensors are assembled with DeepSpeed's fragment helpers (`safe_get_full_fp3
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param,
                              safe_get_full_optimizer_state, safe_set_full_optimizer_state)
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from modeconn.atomic import atomic_dir
-from modeconn.distributed import World, barrier
+from modeconn.atomic import atomic_dir, move_aside_damaged
+from modeconn.distributed import World, decided_on_rank0
 from modeconn.errors import CheckpointError
-from modeconn.hf import write_hf
+from modeconn.hf import SAFETENSORS_NAME, read_meta, to_hf_state_dict, write_hf
+from modeconn.manifest import verify
 from modeconn.model import ModelConfig
 from modeconn.optim.roles import parameter_roles
 from modeconn.optim.zero_layout import flat_partitions, partition_param_group
 
 TRAINER_STATE = "trainer_state"
+_TRAINER_STATE_KEYS = ("step", "tokens", "loader", "optimizer", "state_keys")
 
 
 def _client_optimizer(engine) -> torch.optim.Optimizer:
@@ -100,23 +104,57 @@ def gather_optimizer_state(engine, model, keys_by_name: dict[str, tuple[str, ...
 
 def export(engine, model, model_cfg: ModelConfig, out: Path, world: World, metadata: dict,
            optimizer_keys: Optional[dict[str, tuple[str, ...]]] = None, trainer_state: Optional[dict] = None,
-           overwrite: bool = False) -> Path:
-    """Collective. Rank 0 writes `out` (atomically); with `optimizer_keys` ({parameter name: state
-    keys}), also trainer_state/."""
+           overwrite: bool = False) -> str:
+    """Collective. Rank 0 writes `out` (atomically, with a manifest); with `optimizer_keys`
+    ({parameter name: state keys}), also trainer_state/. Returns "written", or "kept" when `out`
+    already held these very weights (a run resumed from before an export it had written: the
+    export is reused). An existing `out` with other weights is an error naming both; one that is
+    damaged is moved aside (kept) and written anew."""
     weights = gather_weights(model)
     optim = gather_optimizer_state(engine, model, optimizer_keys) if optimizer_keys else None
-    if world.is_main:
+
+    def write() -> str:
         state = dict(weights)
         if model_cfg.tie_embeddings:
             state["lm_head.weight"] = state["transformer.wte.weight"]
-        with atomic_dir(out, overwrite=overwrite) as tmp:  # a replaced export goes only once the new one is whole
+        if out.exists() and not overwrite and _holds_same_weights(out, state, model_cfg, metadata):
+            return "kept"
+        with atomic_dir(out, overwrite=overwrite, manifest=True) as tmp:  # a replaced export goes only once whole
             write_hf(state, model_cfg, tmp, metadata)
             if optim is not None:
                 (tmp / TRAINER_STATE).mkdir()
                 save_file(optim, str(tmp / TRAINER_STATE / "optimizer.safetensors"))
                 (tmp / TRAINER_STATE / "state.json").write_text(json.dumps(trainer_state or {}, indent=2))
-    barrier()
-    return out
+        return "written"
+
+    return decided_on_rank0(world, write)
+
+
+def _holds_same_weights(out: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, metadata: dict) -> bool:
+    """True if the export `out` holds exactly these weights. False, after moving it aside, if it
+    is damaged. CheckpointError, naming both, if it holds other weights."""
+    try:
+        verify(out)
+        existing = load_file(str(out / SAFETENSORS_NAME))
+    except (CheckpointError, SafetensorError, OSError) as e:
+        aside = move_aside_damaged(out)
+        print(f"warning: {out} is damaged ({e}); kept as {aside}, writing it again", file=sys.stderr, flush=True)
+        return False
+    ours = to_hf_state_dict(state, model_cfg)
+    differ = sorted(k for k in ours.keys() | existing.keys()
+                    if k not in ours or k not in existing or not torch.equal(ours[k], existing[k]))
+    if not differ:
+        return True
+    def describe(meta: dict) -> str:
+        if not meta:
+            return "no modeconn_meta.json"
+        return ", ".join(f"{k}={meta.get(k)}" for k in ("optimizer", "seed_init", "seed_data", "step"))
+
+    theirs = read_meta(out)
+    raise CheckpointError(f"{out} already exists with other weights than this run's at step {metadata.get('step')} "
+                          f"({differ[0]} differs{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}; "
+                          f"that export: {describe(theirs)}; this run: {describe(metadata)}). Move it away or "
+                          f"choose another out_dir; nothing was overwritten")
 
 
 def read_trainer_state(export_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -124,7 +162,19 @@ def read_trainer_state(export_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]
     if not state_file.is_file():
         raise CheckpointError(f"{export_dir} has no {TRAINER_STATE}/state.json: it is a weights-only export. "
                               f"Use it with init.from (fresh optimizer), or export with checkpoint.export_optimizer")
-    return json.loads(state_file.read_text()), load_file(str(Path(export_dir) / TRAINER_STATE / "optimizer.safetensors"))
+    verify(export_dir)
+    tensors_file = Path(export_dir) / TRAINER_STATE / "optimizer.safetensors"
+    try:
+        state = json.loads(state_file.read_text())
+        missing = [k for k in _TRAINER_STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{state_file}: not a trainer state ({e})") from None
+    try:
+        return state, load_file(str(tensors_file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{tensors_file}: not a readable safetensors file ({e})") from None
 
 
 def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys_by_name: dict[str, tuple[str, ...]],

@@ -22,11 +22,13 @@ from safetensors.torch import save_file
 from modeconn import config as config_lib
 from modeconn.atomic import atomic_dir
 from modeconn.errors import CheckpointError, ConfigError
+from modeconn.manifest import verify
 from modeconn.model import GPT, ModelConfig
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SAFETENSORS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+META_NAME = "modeconn_meta.json"
 # Buffers older HF GPT-2 files carry (causal masks); not weights.
 _HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -158,6 +160,9 @@ def model_config_from_hf(hf_cfg: dict, source: str = "config.json") -> ModelConf
             return config_lib.build(ModelConfig, hf_cfg["modeconn"], "modeconn")
         if hf_cfg.get("model_type", "gpt2") != "gpt2":
             raise ConfigError(f"model_type is {hf_cfg.get('model_type')!r}, only 'gpt2' is supported")
+        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            if key in hf_cfg and (not isinstance(hf_cfg[key], int) or isinstance(hf_cfg[key], bool)):
+                raise ConfigError(f"{key} must be an integer, got {hf_cfg[key]!r}")
         act = hf_cfg.get("activation_function", "gelu_new")
         if act not in _HF_ACTIVATIONS:
             raise ConfigError(f"activation_function {act!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}")
@@ -174,15 +179,17 @@ def model_config_from_hf(hf_cfg: dict, source: str = "config.json") -> ModelConf
             init_std=hf_cfg.get("initializer_range", 0.02))
     except KeyError as e:
         raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # values of the wrong type or range
+        raise CheckpointError(f"{source}: not a valid GPT-2 config ({type(e).__name__}: {e})") from None
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
 def save_hf(model_or_state: Union[GPT, Mapping[str, torch.Tensor]], cfg: ModelConfig, out_dir: Path,
             metadata: Optional[Mapping[str, object]] = None, overwrite: bool = False) -> Path:
-    """Write `out_dir/model.safetensors` + `config.json` atomically. `metadata` (JSON-able values)
-    goes into the safetensors header and `modeconn_meta.json`."""
-    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+    """Write `out_dir/model.safetensors` + `config.json` atomically, with a manifest. `metadata`
+    (JSON-able values) goes into the safetensors header and `modeconn_meta.json`."""
+    with atomic_dir(Path(out_dir), overwrite=overwrite, manifest=True) as tmp:
         write_hf(model_or_state, cfg, tmp, metadata)
     return Path(out_dir)
 
@@ -196,7 +203,23 @@ def write_hf(model_or_state: Union[GPT, Mapping[str, torch.Tensor]], cfg: ModelC
     save_file(tensors, str(directory / SAFETENSORS_NAME), metadata=meta)
     (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
     if metadata:
-        (directory / "modeconn_meta.json").write_text(json.dumps(dict(metadata), indent=2))
+        (directory / META_NAME).write_text(json.dumps(dict(metadata), indent=2))
+
+
+def read_meta(path: Path) -> dict:
+    """Our metadata of a checkpoint (`modeconn_meta.json`: optimizer, seeds, step, ...); {} for
+    checkpoints that have none (Hugging Face's)."""
+    path = Path(path)
+    meta = (path if path.is_dir() else path.parent) / META_NAME
+    if not meta.is_file():
+        return {}
+    try:
+        value = json.loads(meta.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{meta}: expected a JSON object")
+    return value
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -205,14 +228,18 @@ def safetensors_files(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    if not path.is_dir():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint (neither a directory nor a .safetensors file)")
     if (path / SAFETENSORS_NAME).is_file():
         return [path / SAFETENSORS_NAME]
     if (path / INDEX_NAME).is_file():
         try:
             index = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+            if not isinstance(index, dict) or not all(isinstance(f, str) for f in index.values()):
+                raise ValueError("weight_map is not a mapping of tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / INDEX_NAME}: not a safetensors index ({e})") from None
         files = [path / f for f in dict.fromkeys(index.values())]
         for f in files:
@@ -234,10 +261,19 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def checked_weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint (`safetensors_files`), after checking them, its
+    config.json and metadata against its manifest where it has one: damage is named before use."""
+    files = safetensors_files(path)
+    folder = files[0].parent
+    verify(folder, [f.name for f in files] + ["config.json", META_NAME, INDEX_NAME])
+    return files
+
+
 def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a GPT-2 checkpoint (ours or any HF GPT-2 directory) -> (config, our state dict)."""
     path = Path(path)
-    files = safetensors_files(path)
+    files = checked_weight_files(path)
     cfg = read_model_config(path)
     return cfg, from_hf_state_dict(read_safetensors(files), cfg, source=str(path))
 
@@ -245,13 +281,17 @@ def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def read_model_config(path: Path) -> ModelConfig:
     """The ModelConfig of a checkpoint, from the config.json beside its weights."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
     cfg_file = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing; a GPT-2 checkpoint needs its config.json beside the weights")
     try:
         hf_cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
     return model_config_from_hf(hf_cfg, str(cfg_file))
 
 

@@ -47,13 +47,15 @@ class MetricsLogger:
         self.wandb = start_wandb(Path(out_dir), wandb_cfg, config)
 
     def _drop_rows_after(self, step: int) -> None:
-        """On resume, rows logged after the checkpoint by the killed run would repeat: drop them."""
+        """On resume, rows logged after the checkpoint by the killed run would repeat: drop them,
+        and a last line the kill cut short."""
         if not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        if len(keep) != len(rows):
-            atomic_write_text(self.path, "".join(r + "\n" for r in keep))
+        text = self.path.read_text(errors="replace")
+        lines = text.splitlines()
+        keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(keep) != len(lines) or (text and not text.endswith("\n")):
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, kind: str, step: int, values: dict, console: Optional[str] = None) -> None:
         if not self.enabled:
@@ -69,6 +71,15 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics row; None for a line that is not one (cut short by a kill)."""
+    try:
+        row = json.loads(line)
+        return int(row.get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def format_duration(seconds: float) -> str:

@@ -92,13 +92,24 @@ PRESETS: dict[str, dict] = {
 assert all(set(p) <= {f.name for f in fields(ModelConfig)} for p in PRESETS.values())
 
 
+class Linear(nn.Linear):
+    """nn.Linear with its bias added after the product, x Wᵀ + b, not fused into it (addmm).
+    Why: DeepSpeed's ZeRO-3 computes linear layers this way (its memory-efficient linear), and
+    the fused form rounds differently on some CPUs' MKL (seen on AMD EPYC), so with this form every
+    ZeRO stage computes the same bits. Same parameters, names and state dict as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # Q, K, V stacked on the out axis
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # Q, K, V stacked on the out axis
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +126,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
+        self.c_proj = Linear(cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
         self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"  # gelu_new is GPT-2's tanh form
         self.dropout = nn.Dropout(cfg.dropout)
 

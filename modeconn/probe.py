@@ -38,12 +38,14 @@ from safetensors.torch import load_file, save_file
 
 from modeconn import config as config_lib
 from modeconn.align import AlignConfig, align_checkpoints
-from modeconn.atomic import atomic_write_text
+from modeconn.atomic import atomic_write_text, clean_leftovers, temporary_path
 from modeconn.barrier import barriers
 from modeconn.config import DataConfig
 from modeconn.data.loader import TokenWindows, ValidationSet
-from modeconn.distributed import World, barrier, init_distributed, shutdown, strip_launcher_args
+from modeconn.distributed import World, barrier, held_by_rank0, init_distributed, shutdown, strip_launcher_args
 from modeconn.errors import ConfigError, ModeconnError
+from modeconn.hf import read_meta
+from modeconn.lock import lock_for_directory
 from modeconn.logger import WandbConfig, start_wandb
 from modeconn.metrics import batch_sums
 from modeconn.model import GPT
@@ -129,8 +131,7 @@ def _row_key(row: dict) -> tuple:
 
 
 def _optimizer_of(checkpoint: str) -> str:
-    meta = FilePath(checkpoint) / "modeconn_meta.json"
-    return json.loads(meta.read_text()).get("optimizer", "unknown") if meta.is_file() else "unknown"
+    return read_meta(FilePath(checkpoint)).get("optimizer", "unknown")
 
 
 def _label(checkpoint: str) -> str:
@@ -178,15 +179,21 @@ def _read_rows(results: FilePath) -> list[dict]:
     if results.is_file():
         for line in results.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict) and "path" in row and ("t" in row or "alpha" in row):
+                rows.append(row)
     return rows
 
 
 class Prober:
     def __init__(self, cfg: ProbeConfig, world: World):
         self.cfg, self.world, self.out = cfg, world, FilePath(cfg.out_dir)
+        if world.is_main:  # what a killed batch left half-written (we hold out_dir's lock)
+            for line in clean_leftovers(self.out):
+                print(f"probe: {line}", flush=True)
+        barrier()
         self.paths = expand_paths(cfg)
         self.ts = sorted({float(t) for t in cfg.t_values}) if cfg.t_values else t_grid(cfg.t_step)
         for what, values in (("t_values", self.ts), ("save_points", cfg.save_points)):
@@ -258,7 +265,7 @@ class Prober:
             if self.cfg.spectra.save_singular_values:
                 target = self.out / "spectra" / path_slug(item.named.name) / f"t_{item.at[0]:.4f}.safetensors"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(f".tmp{self.world.rank}")
+                tmp = temporary_path(target)
                 save_file({k: v.contiguous() for k, v in spectra.items()}, str(tmp))
                 os.replace(tmp, target)
         row["seconds"] = max(part["seconds"] for part in parts)
@@ -354,7 +361,13 @@ class Prober:
         if path.is_file():
             import yaml
 
-            saved = yaml.safe_load(path.read_text()) or {}
+            try:
+                saved = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ModeconnError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); it records this batch's "
+                                    f"settings: restore it, or use another out_dir") from None
+            if not isinstance(saved, dict):
+                raise ModeconnError(f"{path}: not a probe config; restore it, or use another out_dir")
             for key in ("data", "spectra", "align"):
                 if saved.get(key) != current.get(key) and (key != "align" or saved.get(key) is not None):
                     raise ModeconnError(f"{path}: this batch was run with other {key} settings ({saved.get(key)}); "
@@ -459,7 +472,8 @@ class Prober:
 def run(cfg: ProbeConfig) -> dict:
     world = init_distributed()
     try:
-        return Prober(cfg, world).run()
+        with held_by_rank0(lock_for_directory(FilePath(cfg.out_dir), "probe.py"), world):
+            return Prober(cfg, world).run()
     finally:
         shutdown()
 

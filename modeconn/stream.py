@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 
 from modeconn.atomic import atomic_dir
 from modeconn.errors import CheckpointError
-from modeconn.hf import (SAFETENSORS_NAME, expected_hf_shapes, hf_config_dict, hf_tensor_to_ours, is_hf_buffer,
-                         normalize_hf_name, read_model_config, safetensors_files)
+from modeconn.hf import (META_NAME, SAFETENSORS_NAME, checked_weight_files, expected_hf_shapes, hf_config_dict,
+                         hf_tensor_to_ours, is_hf_buffer, normalize_hf_name, read_model_config)
 from modeconn.model import GPT, ModelConfig
 
 # Settings that do not change the function a checkpoint computes at evaluation (a preset's name,
@@ -38,7 +38,7 @@ class WeightSource:
         self.path = Path(path)
         self.config: ModelConfig = read_model_config(self.path)
         self._where: dict[str, tuple[object, str, Path]] = {}  # HF name -> (open file, key in it, file)
-        for f in safetensors_files(self.path):
+        for f in checked_weight_files(self.path):
             try:
                 handle = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError) as e:
@@ -139,12 +139,12 @@ def write_point(sources: Sequence[WeightSource], coefficients: Sequence[tuple[in
     header["__metadata__"] = {"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
-    with atomic_dir(Path(target)) as tmp:
+    with atomic_dir(Path(target), manifest=True) as tmp:
         with open(tmp / SAFETENSORS_NAME, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
             for name in names:
                 f.write(combine(sources, coefficients, name).contiguous().numpy().astype("<f4", copy=False).data)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
-        (tmp / "modeconn_meta.json").write_text(json.dumps(metadata, indent=2))
+        (tmp / META_NAME).write_text(json.dumps(metadata, indent=2))
     return Path(target)

@@ -11,7 +11,6 @@ optimizer (modeconn.optim), schedule, DeepSpeed engine, checkpoints, exports and
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -24,15 +23,17 @@ import numpy as np
 import torch
 
 from modeconn import config as config_lib
-from modeconn.checkpoint import COMPLETE, Checkpointer, latest_tag, tag_for
+from modeconn.atomic import clean_leftovers
+from modeconn.checkpoint import COMPLETE, CheckpointConfig, Checkpointer, tag_for
 from modeconn.config import DataConfig, SeedConfig
 from modeconn.data.loader import TokenWindows, TrainLoader, ValidationSet
-from modeconn.distributed import (World, all_reduce_sum, any_rank, barrier, init_distributed, shutdown,
+from modeconn.distributed import (World, all_reduce_sum, any_rank, barrier, held_by_rank0, init_distributed, shutdown,
                                   strip_launcher_args)
 from modeconn.errors import CheckpointError, ConfigError, ModeconnError
 from modeconn.export import TRAINER_STATE, export, load_optimizer_state, read_trainer_state
 from modeconn.fit import PathFitConfig, PathPoint, build_path_point
-from modeconn.hf import load_hf
+from modeconn.hf import load_hf, read_meta
+from modeconn.lock import lock_for_directory
 from modeconn.logger import MetricsLogger, WandbConfig, format_duration
 from modeconn.metrics import batch_sums
 from modeconn.model import GPT, ModelConfig
@@ -72,19 +73,6 @@ class DeepSpeedSection:
     precision: Literal["fp32", "bf16"] = "fp32"
     # Raw DeepSpeed config keys, merged last (e.g. {zero_optimization: {overlap_comm: true}}).
     overrides: dict = field(default_factory=dict)
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 100  # DeepSpeed checkpoint every N steps (and always at the end and on SIGTERM/SIGUSR1)
-    keep_last: int = 2
-    export_every: int = 0  # safetensors export to exports/step_N every M steps; the final one always
-    export_optimizer: bool = True  # put the world-size-independent optimizer state into the final export
-    export_init: bool = False  # export the initial weights (exports/step_00000000): a common init is an endpoint too
-
-    def __post_init__(self):
-        if self.every < 0 or self.export_every < 0 or self.keep_last < 1:
-            raise ConfigError("checkpoint.every and export_every must be >= 0, keep_last >= 1")
 
 
 @dataclass
@@ -154,7 +142,12 @@ class Trainer:
         self.stop_signal: Optional[str] = None
         self._grad_norm: Optional[float] = None
         self.step, self.tokens = 0, 0
+        self.checkpointer = Checkpointer(self.out / "checkpoints", world, cfg.checkpoint.keep_last)
         resume = self._resume_plan()
+        if world.is_main:  # what a killed run left half-written (we hold out_dir's lock)
+            for line in clean_leftovers(self.out):
+                print(f"start: {line}", flush=True)
+        self.checkpointer.remove_incomplete()
 
         # Model: fresh from seed.init, or weights of an export (init.from, or an export to resume from).
         weights_from = resume[1] if resume[0] == "export" else cfg.init.from_
@@ -170,6 +163,16 @@ class Trainer:
         if weights_from:
             self.model.load_state_dict(weights)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        # Data before the engine: a bad data directory is reported before anything heavy runs.
+        block = cfg.model.block_size
+        self.loader = TrainLoader(TokenWindows(Path(cfg.data.dir), "train", block), cfg.train.micro_batch,
+                                  seed=cfg.seed.data, rank=world.rank, world_size=world.world_size)
+        val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", block), cfg.data.val_windows or None)
+        # The windows are fixed, so this rank's batches are read once; every rank runs the same number
+        # of forward passes (ZeRO-3 gathers parameters collectively), padding with an uncounted batch.
+        self.val_batches = list(val.batches(cfg.data.eval_batch_size, world.rank, world.world_size))
+        self.val_forward_passes = math.ceil(math.ceil(len(val) / world.world_size) / cfg.data.eval_batch_size)
+        self.val_padding = val.windows.batch(val.indices[:1])
         # Randomness during training (dropout) is per rank, from seed.data; the init is seed.init alone.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed.data, world.rank]).generate_state(1)[0]))
 
@@ -187,19 +190,7 @@ class Trainer:
         if cfg.train.compile:
             self.engine.compile()
 
-        block = cfg.model.block_size
-        self.loader = TrainLoader(TokenWindows(Path(cfg.data.dir), "train", block), cfg.train.micro_batch,
-                                  seed=cfg.seed.data, rank=world.rank, world_size=world.world_size)
-        val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", block), cfg.data.val_windows or None)
-        # The windows are fixed, so this rank's batches are read once; every rank runs the same number
-        # of forward passes (ZeRO-3 gathers parameters collectively), padding with an uncounted batch.
-        self.val_batches = list(val.batches(cfg.data.eval_batch_size, world.rank, world.world_size))
-        self.val_forward_passes = math.ceil(math.ceil(len(val) / world.world_size) / cfg.data.eval_batch_size)
-        self.val_padding = val.windows.batch(val.indices[:1])
-        self.checkpointer = Checkpointer(self.engine, self.out / "checkpoints", world, cfg.checkpoint.keep_last)
         self._restore(resume)
-        if world.is_main:
-            self._save_config()
         self.logger = MetricsLogger(self.out, cfg.wandb, config_lib.to_dict(cfg), world.is_main, self.step)
         self.tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world.world_size * block
 
@@ -207,33 +198,38 @@ class Trainer:
 
     def _resume_plan(self) -> tuple[str, Optional[str]]:
         """("fresh", None), ("checkpoint", tag dir) or ("export", export dir)."""
-        cfg, ckpt_root = self.cfg, self.out / "checkpoints"
+        cfg = self.cfg
         if cfg.resume == "none":
-            if (ckpt_root / "latest").is_file() or (self.out / "final").exists():
+            if self.checkpointer.complete_tags() or (self.out / "final").exists():
                 raise ModeconnError(f"{self.out} already holds a run; continue it with --resume=auto, or choose "
                                     f"another out_dir (nothing there is overwritten)")
             return "fresh", None
         if cfg.resume == "auto":
-            tag = latest_tag(ckpt_root)
-            return ("checkpoint", str(ckpt_root / tag)) if tag else ("fresh", None)
+            tag = self.checkpointer.resume_point()
+            return ("checkpoint", str(self.checkpointer.root / tag)) if tag else ("fresh", None)
         path = Path(cfg.resume)
         if (path / COMPLETE).is_file():
+            problem = Checkpointer(path.parent, self.world, cfg.checkpoint.keep_last).damage(path.name)
+            if problem:
+                raise CheckpointError(f"--resume={cfg.resume}: the checkpoint is damaged ({problem})")
             return "checkpoint", str(path)
         if (path / TRAINER_STATE / "state.json").is_file():
             return "export", str(path)
+        if (path / "config.json").is_file():
+            raise CheckpointError(f"--resume={cfg.resume} is a weights-only export (no {TRAINER_STATE}/): start from "
+                                  f"its weights with a fresh optimizer by --init.from={cfg.resume}, or export with "
+                                  f"checkpoint.export_optimizer=true")
         raise CheckpointError(f"--resume={cfg.resume}: neither a complete checkpoint (no {COMPLETE}) nor an export "
                               f"with {TRAINER_STATE}/; use auto, none, out_dir/checkpoints/step_N or an export")
 
     def _restore(self, resume: tuple[str, Optional[str]]) -> None:
         kind, where = resume
         if kind == "fresh":
-            self.checkpointer.remove_incomplete()
             return
         if kind == "checkpoint":
             path = Path(where)
-            self.checkpointer.remove_incomplete()
-            client, loader_state = Checkpointer(self.engine, path.parent, self.world, self.cfg.checkpoint.keep_last
-                                                ).load(path.name, config_lib.to_dict(self.cfg.model))
+            client, loader_state = Checkpointer(path.parent, self.world, self.cfg.checkpoint.keep_last).load(
+                self.engine, path.name, config_lib.to_dict(self.cfg.model))
         else:
             client, tensors = read_trainer_state(Path(where))
             if client["optimizer"] != self.cfg.optim.name:
@@ -250,8 +246,13 @@ class Trainer:
 
     def _save_config(self) -> None:
         path = self.out / "config.yaml"
-        text = config_lib.dump(self.cfg)
-        if path.is_file() and path.read_text() != text:  # a resume with changed settings keeps both
+        if path.is_file():  # a resume with changed settings (other than `resume` itself) keeps both
+            try:
+                saved = config_lib.to_dict(config_lib.load(TrainConfig, str(path)))
+            except ConfigError:
+                saved = None  # unreadable: kept, the resolved config goes beside it
+            if saved is not None and {**saved, "resume": None} == {**config_lib.to_dict(self.cfg), "resume": None}:
+                return
             path = self.out / f"config.resumed-at-step{self.step}.yaml"
         config_lib.save(self.cfg, path)
 
@@ -268,8 +269,10 @@ class Trainer:
         last_log_step = self.step
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)  # no host sync per micro-step
         self.engine.train()
-        if cfg.checkpoint.export_init and self.step == 0:
+        if cfg.checkpoint.export_init and self.step == 0:  # one already there from a killed start is reused
             self.export(self.out / "exports" / tag_for(0), {}, with_optimizer=False)
+        if self.world.is_main:  # after the init export: a run refused there writes nothing
+            self._save_config()
         while self.step < total:
             if any_rank(self.stop_signal is not None, self.world.device):
                 return self._stop(last_val, f"received {self.stop_signal or 'a stop signal on another rank'}")
@@ -391,7 +394,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         start = time.perf_counter()
         client = {"step": self.step, "tokens": self.tokens, "config": config_lib.to_dict(self.cfg)}
-        path = self.checkpointer.save(self.step, client, self.loader.state_dict(), config_lib.to_dict(self.cfg.model))
+        path = self.checkpointer.save(self.engine, self.step, client, self.loader.state_dict(),
+                                      config_lib.to_dict(self.cfg.model))
         self.logger.log("checkpoint", self.step, {"path": str(path), "seconds": time.perf_counter() - start},
                         f"step {self.step:>6} | checkpoint {path} ({time.perf_counter() - start:.1f} s)")
         return path
@@ -407,9 +411,11 @@ class Trainer:
         keys = self._state_keys() if with_optimizer else None
         trainer_state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                          "optimizer": self.cfg.optim.name, "state_keys": keys or {}}
-        export(self.engine, self.model, self.cfg.model, out, self.world, meta, keys, trainer_state, overwrite)
-        self.logger.log("export", self.step, {"path": str(out), "seconds": time.perf_counter() - start},
-                        f"step {self.step:>6} | export {out} ({time.perf_counter() - start:.1f} s)")
+        outcome = export(self.engine, self.model, self.cfg.model, out, self.world, meta, keys, trainer_state, overwrite)
+        seconds = time.perf_counter() - start
+        self.logger.log("export", self.step, {"path": str(out), "seconds": seconds, "outcome": outcome},
+                        f"step {self.step:>6} | export {out} ({seconds:.1f} s)" if outcome == "written" else
+                        f"step {self.step:>6} | export {out} was already there with these weights; kept")
         return out
 
     def _state_keys(self) -> dict[str, tuple[str, ...]]:
@@ -441,15 +447,15 @@ class Trainer:
 
 
 def exported_step(export_dir: Path) -> Optional[int]:
-    meta = export_dir / "modeconn_meta.json"
-    return json.loads(meta.read_text())["step"] if meta.is_file() else None
+    return read_meta(export_dir).get("step") if export_dir.is_dir() else None
 
 
 def run(cfg: TrainConfig) -> dict:
     world = init_distributed()
     try:
-        result = Trainer(cfg, world).fit()
-        barrier()
+        with held_by_rank0(lock_for_directory(Path(cfg.out_dir), "train.py"), world):
+            result = Trainer(cfg, world).fit()
+            barrier()
         return result
     finally:
         shutdown()

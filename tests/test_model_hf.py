@@ -128,6 +128,9 @@ def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
     other = ModelConfig.from_preset("tiny", n_embd=32)
     save_hf(GPT(other), other, tmp_path / "other")
     (tmp_path / "other" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"other/config\.json: checksum differs from the manifest"):
+        load_hf(tmp_path / "other")  # our export: its manifest finds the swapped file
+    (tmp_path / "other" / "modeconn_manifest.json").unlink()  # as a Hugging Face directory (no manifest)
     with pytest.raises(CheckpointError, match=r"other.*'transformer\.wte\.weight' has shape \(50257, 32\)"):
         load_hf(tmp_path / "other")
 

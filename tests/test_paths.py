@@ -85,6 +85,10 @@ def test_bad_checkpoints_fail_before_evaluation_naming_file_and_tensor(tmp_path)
     tensors = load_file(str(b / "model.safetensors"))
     tensors.pop("transformer.h.1.mlp.c_fc.weight")
     save_file(tensors, str(b / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{b / 'model.safetensors'}: .* the manifest says"):
+        WeightSource(b)  # our export: its manifest finds the rewritten file before anything is read
+    for checkpoint in (a, b):  # from here on, as Hugging Face directories (no manifest)
+        (checkpoint / "modeconn_manifest.json").unlink()
     with pytest.raises(CheckpointError, match=rf"{b}: missing tensor\(s\) transformer.h.1.mlp.c_fc.weight"):
         check_compatible([WeightSource(a), WeightSource(b)])
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from distributed import free_port
 
-TINY = ROOT / "configs" / "train" / "tiny-adamw.yaml"
+TRAIN_CONFIGS = ROOT / "configs" / "train"
 
 
 def command(nproc: int, launcher: str, script: str = "train.py") -> list[str]:
@@ -36,12 +36,12 @@ def env(**extra) -> dict:
     return e
 
 
-def base_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
+def base_args(data_dir: Path, out_dir: Path, config: str = "tiny-adamw.yaml", **overrides) -> list[str]:
     args = {"data.dir": data_dir, "out_dir": out_dir, "data.val_windows": 16, "data.eval_batch_size": 4,
             "train.steps": 8, "train.micro_batch": 4, "train.log_every": 1, "train.eval_every": 0,
             "checkpoint.every": 3, "schedule.kind": "constant", "schedule.warmup_steps": 0}
     args.update(overrides)
-    return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in args.items()]
+    return ["--config", str(TRAIN_CONFIGS / config)] + [f"--{k}={v}" for k, v in args.items()]
 
 
 def start(data_dir, out_dir, nproc=1, launcher="torchrun", extra_env=None, script="train.py",

@@ -27,6 +27,7 @@ from modeconn.data import sources
 from modeconn.data.shards import ShardWriter, read_header
 from modeconn.data.tokenizer import EOT_ID, GPT2_VOCAB_SIZE, gpt2_tokenizer
 from modeconn.errors import ConfigError, DataError
+from modeconn.lock import lock_for_target
 
 META_NAME = "meta.json"
 SPLITS = ("train", "val")
@@ -99,9 +100,17 @@ class _SplitWriter:
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     """Tokenize `cfg.source` into `cfg.out_dir`; returns the directory."""
+    with lock_for_target(Path(cfg.out_dir), "prepare.py"):
+        return _prepare(cfg, progress)
+
+
+def _prepare(cfg: PrepareConfig, progress: bool) -> Path:
     out = Path(cfg.out_dir)
+    if out.exists() and not (out / META_NAME).is_file() and not cfg.overwrite:
+        raise DataError(f"{out} exists but is not a prepared token directory (no {META_NAME}); choose another "
+                        f"out_dir (nothing there is overwritten)")
     if (out / META_NAME).is_file() and not cfg.overwrite:
-        meta = json.loads((out / META_NAME).read_text())
+        meta = read_meta(out)
         if meta.get("settings") == _output_settings(cfg):
             print(f"{out}: already prepared with these settings ({meta['splits']['train']['tokens']:,} train "
                   f"tokens); nothing to do")
@@ -117,22 +126,22 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         writers = {s: _SplitWriter(tmp, s, cfg.shard_tokens) for s in SPLITS}
         docs = sources.iter_documents(cfg.source)
-        bar = tqdm(desc=f"tokenizing {cfg.source.kind}", unit=" docs", disable=not progress, mininterval=1.0)
         n_tokens = 0
-        while True:
-            batch = [d for _, d in zip(range(cfg.batch_documents), docs)]
-            if not batch:
-                break
-            # tiktoken releases the GIL: a thread pool tokenizes in parallel without pickling.
-            encoded = enc.encode_ordinary_batch([text for _, text in batch], num_threads=threads)
-            for (key, _), ids in zip(batch, encoded):
-                split = "val" if sources.in_validation(key, cfg.val_fraction, cfg.split_seed) else "train"
-                writers[split].write(np.array([EOT_ID, *ids], dtype=np.uint32))
-                writers[split].documents += 1
-                n_tokens += len(ids) + 1
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
-        bar.close()
+        with tqdm(desc=f"tokenizing {cfg.source.kind}", unit=" docs", disable=not progress, mininterval=1.0,
+                  delay=1.0) as bar:  # (delay: a source that fails at once leaves no bar before its error)
+            while True:
+                batch = [d for _, d in zip(range(cfg.batch_documents), docs)]
+                if not batch:
+                    break
+                # tiktoken releases the GIL: a thread pool tokenizes in parallel without pickling.
+                encoded = enc.encode_ordinary_batch([text for _, text in batch], num_threads=threads)
+                for (key, _), ids in zip(batch, encoded):
+                    split = "val" if sources.in_validation(key, cfg.val_fraction, cfg.split_seed) else "train"
+                    writers[split].write(np.array([EOT_ID, *ids], dtype=np.uint32))
+                    writers[split].documents += 1
+                    n_tokens += len(ids) + 1
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
         splits = {s: w.close() for s, w in writers.items()}
         for s in SPLITS:
             if splits[s]["tokens"] == 0:

@@ -134,7 +134,10 @@ def _expand(patterns: list[str]) -> list[Path]:
 def _files(cfg: SourceConfig) -> Iterator[Document]:
     for f in _expand(cfg.paths):
         if f.suffix in _TEXT_SUFFIXES:
-            text = f.read_text(encoding="utf-8")
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{f}: not UTF-8 text ({e})") from None
             if cfg.text_documents == "file":
                 yield f"{f.name}", text
             else:
@@ -161,8 +164,22 @@ def _hub(cfg: SourceConfig) -> Iterator[Document]:
     yield from _texts(rows, cfg.text_field, cfg.name, f"hub dataset {cfg.name}")
 
 
+def _rows(rows, where: str) -> Iterator[dict]:
+    """The rows of a table or hub dataset; a row that cannot be read is a DataError naming `where`."""
+    rows = iter(rows)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # pyarrow, pandas and datasets raise many types; all mean "unreadable"
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"{where}: cannot be read as a table ({type(e).__name__}: {detail})") from None
+        yield row
+
+
 def _texts(rows, text_field: str, key_prefix: str, where: str) -> Iterator[Document]:
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_rows(rows, where)):
         if text_field not in row:
             raise DataError(f"{where}: row {i} has no field {text_field!r}; fields: {', '.join(row)}. "
                             f"Set source.text_field")
