@@ -1,6 +1,6 @@
 """PNG plots of a probe batch: loss and error along the paths (endpoints marked), barriers by
-group, stable rank of every matrix along each path, spectra histograms at chosen t, and loss and
-error over each plane (its three checkpoints marked)."""
+path and their statistics by group, stable rank of every matrix along each path, spectra
+histograms at chosen t, and loss and error over each plane (its three checkpoints marked)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from safetensors.torch import load_file  # noqa: E402
 from modeconn.paths import path_slug  # noqa: E402
 
 
-def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg, planes: dict) -> None:
-    plots = out / "plots"
+def plot_all(files, paths, by_path: dict, table: list[dict], stats: list[dict], spectra_cfg, planes: dict) -> None:
+    """`files`: the batch's file names (modeconn.probe.ProbeFiles)."""
+    plots = files.plots
     plots.mkdir(parents=True, exist_ok=True)
+    if stats:
+        plot_groups(plots / "groups.png", stats)
     for name, rows in planes.items():
         if rows:
             plot_plane(plots / f"plane_{path_slug(name)}.png", name, rows)
@@ -71,12 +74,11 @@ def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg
         fig.tight_layout()
         fig.savefig(plots / f"stable_rank_{path_slug(p.name)}.png", dpi=110)
         plt.close(fig)
-        folder = out / "spectra" / path_slug(p.name)
-        files = [(t, folder / f"t_{t:.4f}.safetensors") for t in spectra_cfg.histogram_at]
-        files = [(t, f) for t, f in files if f.is_file()]
-        if files:
+        saved = [(t, files.spectra(p.name, t)) for t in spectra_cfg.histogram_at]
+        saved = [(t, f) for t, f in saved if f.is_file()]
+        if saved:
             fig, ax = plt.subplots(figsize=(7, 4))
-            for t, f in files:
+            for t, f in saved:
                 values = [v for s in load_file(str(f)).values() for v in s.tolist()]
                 ax.hist(values, bins=60, histtype="step", label=f"t={t:g}")
             ax.set_xlabel("singular value (all matrices)")
@@ -86,6 +88,31 @@ def plot_all(out: FilePath, paths, by_path: dict, table: list[dict], spectra_cfg
             fig.tight_layout()
             fig.savefig(plots / f"spectra_{path_slug(p.name)}.png", dpi=110)
             plt.close(fig)
+
+
+def plot_groups(target: FilePath, stats: list[dict]) -> None:
+    """Mean ± std of the loss and error barriers and the endpoint distance per group of paths."""
+    quantities = [("loss_barrier", "loss barrier (nats)"), ("token_error_barrier", "token error barrier"),
+                  ("endpoint_distance", "endpoint distance ‖θB − θA‖")]
+    groups = list(dict.fromkeys(s["group"] for s in stats))
+    fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 0.45 * len(groups) + 2.2))
+    for ax, (quantity, label) in zip(axes, quantities):
+        mine = {s["group"]: s for s in stats if s["quantity"] == quantity}
+        ys = [i for i, g in enumerate(groups) if g in mine]
+        means = [mine[groups[i]]["mean"] for i in ys]
+        errors = [mine[groups[i]]["std"] or 0.0 for i in ys]
+        ax.errorbar(means, ys, xerr=errors, fmt="o", capsize=4)
+        for y in ys:  # the spread: min and max
+            ax.plot([mine[groups[y]]["min"], mine[groups[y]]["max"]], [y, y], color="grey", lw=0.8, zorder=0)
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([f"{g} (n={mine[g]['n']})" if g in mine else g for g in groups] if ax is axes[0] else [])
+        ax.set_ylim(-0.5, len(groups) - 0.5)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("by group of paths: mean ± std (bars), min to max (grey)")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
 
 
 def plot_plane(target: FilePath, name: str, rows: list[dict]) -> None:

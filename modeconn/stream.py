@@ -32,30 +32,48 @@ _IRRELEVANT_TO_EVALUATION = ("preset", "dropout", "init_std", "pad_vocab_to", "n
 
 
 class WeightSource:
-    """One checkpoint, memory-mapped. `tensor(name)` reads one tensor (HF name and layout) as fp32."""
+    """One checkpoint, memory-mapped. `tensor(name)` reads one tensor (HF name and layout) as fp32.
+
+    Its files are mapped while they are read and unmapped by `release()` (mapped again at the
+    next read): the pages a mapping has touched count in the process's resident memory, so a batch
+    over many checkpoints releases the ones the current point does not use and stays flat in RSS.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.config: ModelConfig = read_model_config(self.path)
-        self._where: dict[str, tuple[object, str, Path]] = {}  # HF name -> (open file, key in it, file)
+        self._where: dict[str, tuple[Path, str]] = {}  # HF name -> (file, key in it)
+        self._handles: dict[Path, object] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for f in checked_weight_files(self.path):
-            try:
-                handle = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+            handle = self._open(f)
             for key in handle.keys():
                 if not is_hf_buffer(key):
-                    self._where[normalize_hf_name(key)] = (handle, key, f)
-        if self.config.tie_embeddings:
-            self._where.pop("lm_head.weight", None)  # some writers store the tied copy; wte is the one
-        self.shapes = {name: tuple(h.get_slice(k).get_shape()) for name, (h, k, _) in self._where.items()}
+                    self._where[normalize_hf_name(key)] = (f, key)
+                    self.shapes[normalize_hf_name(key)] = tuple(handle.get_slice(key).get_shape())
+        if self.config.tie_embeddings:  # some writers store the tied copy; wte is the one
+            self._where.pop("lm_head.weight", None)
+            self.shapes.pop("lm_head.weight", None)
+        self.release()
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+        return self._handles[f]
 
     def tensor(self, name: str) -> torch.Tensor:
-        handle, key, f = self._where[name]
+        f, key = self._where[name]
         try:
-            return handle.get_tensor(key).float()
+            return self._open(f).get_tensor(key).float()
         except SafetensorError as e:
             raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from None
+
+    def release(self) -> None:
+        """Unmap the files (their pages leave this process's resident memory)."""
+        self._handles.clear()
 
     def __repr__(self) -> str:
         return f"WeightSource({self.path})"

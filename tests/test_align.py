@@ -195,4 +195,4 @@ def test_align_command_and_probe_switch(two_runs, tmp_path):
                                                            + rows[("seed0--seed1:aligned", 1.0)])
     assert abs(rows[("seed0--seed1:aligned", 0.0)] - rows[("seed0--seed1", 0.0)]) < 1e-4  # canonical A: same function
     assert aligned < 0.5 * plain
-    assert "same-optimizer, aligned" in (out / "summary.csv").read_text()
+    assert "adamw--adamw, aligned" in (out / "summary.csv").read_text()

@@ -124,7 +124,7 @@ def test_a_cut_off_batch_resumes_without_duplicates(setup):
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:40])  # killed mid-write
     again = probe(out, data, runs)
-    assert "6 done before, 9 to go" in again.stdout
+    assert "6 points done before, 9 to go" in again.stdout
     assert rows(out) == complete
 
 
@@ -139,3 +139,95 @@ def test_bad_input_fails_before_evaluation(setup, tmp_path):
     probe(tmp_path / "ok", data, {"a": runs["r0"], "b": runs["r1"]})
     proc = probe(tmp_path / "ok", data, {"a": runs["r0"], "b": runs["r1"]}, check=False, **{"data.val_windows": 8})
     assert proc.returncode == 2 and "was run with other data settings" in proc.stderr
+
+
+def four_runs(root):
+    """Four checkpoints in two groups by the optimizer their metadata records (2 x adamw, 2 x muon)."""
+    cfg = ModelConfig.from_preset("tiny", n_embd=32, n_head=2, n_inner=64, vocab_size=VOCAB, block_size=32)
+    runs = {}
+    for seed, optimizer in enumerate(("adamw", "muon", "adamw", "muon")):
+        torch.manual_seed(10 + seed)
+        save_hf(GPT(cfg), cfg, root / f"{optimizer}{seed}", metadata={"optimizer": optimizer})
+        runs[f"{optimizer}{seed}"] = str(root / f"{optimizer}{seed}")
+    return runs
+
+
+def test_pairing_rules_on_four_runs_in_two_groups(tmp_path):
+    from modeconn.probe import ProbeConfig, ProbeFiles
+    from modeconn.probe_plan import build_plan
+
+    runs = four_runs(tmp_path)
+    ts = [0.0, 1.0]
+
+    def pairs(**cfg):
+        plan = build_plan(ProbeConfig(runs=runs, **cfg), ts, ProbeFiles(tmp_path / "out").aligned_pair)
+        return {(p.name, p.group) for p in plan.paths}
+
+    assert len(pairs()) == 6
+    assert pairs(pairs="within") == {("adamw0--adamw2", "adamw--adamw"), ("muon1--muon3", "muon--muon")}
+    assert pairs(pairs="across") == {("adamw0--muon1", "adamw--muon"), ("adamw0--muon3", "adamw--muon"),
+                                     ("muon1--adamw2", "adamw--muon"), ("adamw2--muon3", "adamw--muon")}
+    # groups given as labels instead: seeds 0, 1 against 2, 3
+    labels = {"adamw0": "early", "muon1": "early", "adamw2": "late", "muon3": "late"}
+    assert {name for name, _ in pairs(pairs="within", groups=labels)} == {"adamw0--muon1", "adamw2--muon3"}
+    with pytest.raises(Exception, match="missing muon3"):
+        pairs(groups={k: v for k, v in labels.items() if k != "muon3"})
+
+
+def test_each_checkpoint_is_evaluated_once_and_its_rows_are_the_per_path_ones(setup, tmp_path):
+    """All 6 pairs of 4 runs at 5 t: 30 points from 4 checkpoint evaluations and 18 interior
+    ones. Every row at a checkpoint is that checkpoint's own, bitwise; and it equals what the
+    per-path form (1·θA + 0·θB, as each path computed its endpoints before) gives."""
+    from modeconn.config import DataConfig
+    from modeconn.distributed import World
+    from modeconn.probe import ProbeConfig, Prober
+    from modeconn.probe_plan import Measurement
+
+    root, data, _ = setup
+    runs = four_runs(tmp_path)
+    cfg = ProbeConfig(runs=runs, t_values=[0.0, 0.25, 0.5, 0.75, 1.0], plots=False, out_dir=str(tmp_path / "out"),
+                      data=DataConfig(dir=str(data), val_windows=12, eval_batch_size=4))
+    prober = Prober(cfg, World(0, 1, 0, torch.device("cpu")))
+    result = prober.run()
+    assert result["evaluations"] == 4 + 6 * 3
+    got = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(got) == 30
+    at_checkpoint = {}
+    for row in got:
+        if row["t"] in (0.0, 1.0):
+            assert row["checkpoint"] == row["points"][0 if row["t"] == 0.0 else 1]
+            values = (row["loss"], row["token_error"], row["spectra"])
+            assert at_checkpoint.setdefault(row["checkpoint"], values) == values  # bitwise (floats via JSON)
+        else:
+            assert "checkpoint" not in row
+    assert len(at_checkpoint) == 4
+    files = {p.read_bytes() for p in (tmp_path / "out" / "spectra").glob("*/t_0.0000.safetensors")}
+    assert len(files) == 3  # the first run of each pair's runs: adamw0, muon1, adamw2 start paths
+    # the per-path form, 1·A + 0·B, measured as every path measured its endpoints before
+    a, b = runs["adamw0"], runs["muon1"]
+    per_path = Measurement(("point", "adamw0--muon1", 0.0), (a, b), ((0, 1.0), (1, 0.0)), True)
+    item = next(i for i in prober.plan.items if i.key == ("adamw0--muon1", 0.0))
+    (row,) = prober.assemble(per_path, [item], [prober.measure(per_path)])
+    assert (row["loss"], row["token_error"], row["spectra"]) == at_checkpoint[a]
+    # a rerun finds everything done and evaluates nothing
+    assert Prober(cfg, World(0, 1, 0, torch.device("cpu"))).run()["evaluations"] == 0
+
+
+def test_group_statistics_from_the_summary(setup, one_rank):
+    """groups.csv holds n, mean, std, min and max of the summary's per-path values, per group."""
+    import csv
+    import statistics
+
+    root, _, _ = setup
+    summary = list(csv.DictReader(open(root / "one" / "summary.csv")))
+    groups = {(r["group"], r["quantity"]): r for r in csv.DictReader(open(root / "one" / "groups.csv"))}
+    (group,) = {r["group"] for r in summary}  # no metadata: every run's group is "unknown"
+    assert group == "unknown--unknown"
+    for quantity in ("loss_barrier", "token_error_barrier_vs_mean", "endpoint_distance", "path_length"):
+        values = [float(r[quantity]) for r in summary]
+        stat = groups[(group, quantity)]
+        assert int(stat["n"]) == 3
+        assert float(stat["mean"]) == pytest.approx(statistics.fmean(values), rel=1e-12)
+        assert float(stat["std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
+        assert (float(stat["min"]), float(stat["max"])) == (min(values), max(values))
+    assert (root / "one" / "plots" / "groups.png").stat().st_size > 1000
