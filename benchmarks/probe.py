@@ -18,8 +18,9 @@ With --many-pairs (the probe at scale):
 - batch-3, batch-6: the Prober on all pairs of 3 and of 6 checkpoints (3 and 15 pairs), 11 points
           each, spectra on: time per pair, evaluations, peak RSS (flat in the number of pairs?);
 - per-path: today's per-path probe, kept here as the reference: each path on its own, its 11
-          points each streamed and evaluated, endpoints included, with float64 SVD spectra; run on
-          the first `--per-path-pairs` pairs (its time per pair does not depend on how many).
+          points each streamed and evaluated, endpoints included, with float64 SVD spectra, and its
+          summary's distances (endpoint distance and the 10 steps of the path length, each streamed);
+          run on the first `--per-path-pairs` pairs (its time per pair does not depend on how many).
 Prints one JSON object with the ratios the issues set targets for.
 """
 
@@ -174,7 +175,7 @@ def _per_path(args, root: str) -> dict:
     from modeconn.model import GPT
     from modeconn.paths import Path as Line
     from modeconn.spectra import summarize, svdvals_reference, weight_matrices
-    from modeconn.stream import WeightSource, check_compatible, load_point
+    from modeconn.stream import WeightSource, check_compatible, combine, load_point
 
     exports = _batch_exports(root, args.checkpoints)
     pairs = list(itertools.combinations(exports.values(), 2))[: args.per_path_pairs]
@@ -185,11 +186,17 @@ def _per_path(args, root: str) -> dict:
         model = GPT(cfg).eval()
         val = ValidationSet(TokenWindows(Path(args.data), "val", cfg.block_size), args.batch_val_windows)
         batches = list(val.batches(args.batch))
-        for t in [i / 10 for i in range(11)]:
+        line, ts = Line("linear", (a, b)), [i / 10 for i in range(11)]
+        for t in ts:
             with torch.no_grad():
-                load_point(model, sources, Line("linear", (a, b)).coefficients(t))
+                load_point(model, sources, line.coefficients(t))
                 [batch_sums(model(x)[0], y) for x, y in batches]
                 {k: summarize(svdvals_reference(w)) for k, w in weight_matrices(model).items()}
+        # its summary: the endpoint distance and the path length, each step streamed as the probe did
+        for t0, t1 in [(0.0, 1.0)] + list(zip(ts, ts[1:])):
+            diff = [(0, line.coefficients(t1)[0][1] - line.coefficients(t0)[0][1]),
+                    (1, line.coefficients(t1)[1][1] - line.coefficients(t0)[1][1])]
+            sum(combine(sources, diff, name).double().square().sum().item() for name in sources[0].shapes)
     total = time.perf_counter() - start
     return {"pairs": len(pairs), "seconds": total, "seconds_per_pair": total / len(pairs), "peak_rss_mb": _peak_mb()}
 

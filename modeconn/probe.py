@@ -166,6 +166,7 @@ class Prober:
         self.val_batches = [(x.to(world.device), y.to(world.device)) for x, y in val.batches(cfg.data.eval_batch_size)]
         self.n_windows = len(val)
         self.evaluations = 0  # measurements made by this run (a rerun makes only the missing ones)
+        self._segment_lengths: dict[tuple[str, str], float] = {}  # ‖θ_{i+1} − θ_i‖ of straight segments
         self.wandb = None
 
     def _write_alignments(self) -> None:
@@ -348,14 +349,26 @@ class Prober:
     # --- summaries and plots ----------------------------------------------------------------------------
 
     def distance(self, item: NamedPath, t0: float, t1: float) -> float:
-        """‖θ(t1) − θ(t0)‖ over all weights, streamed tensor by tensor."""
-        a, b = dict(item.path.coefficients(t0)), dict(item.path.coefficients(t1))
-        diff = [(i, b.get(i, 0.0) - a.get(i, 0.0)) for i in sorted(set(a) | set(b))]
-        self._release_all_but(item.path.points)
-        sources = [self.sources[p] for p in item.path.points]
+        """‖θ(t1) − θ(t0)‖ over all weights. Two points on one straight segment (of a linear path or a
+        chain) are |Δ| times the segment's length, streamed once per segment; other pairs of points are
+        streamed tensor by tensor."""
+        a, b = item.path.coefficients(t0), item.path.coefficients(t1)
+        if item.path.kind in ("linear", "chain") and a[0][0] == b[0][0]:  # [(i, 1 − s), (i + 1, s)]: one segment
+            i = a[0][0]
+            key = (item.path.points[i], item.path.points[i + 1])
+            if key not in self._segment_lengths:
+                self._segment_lengths[key] = self._streamed_norm(item.path.points, [(i, -1.0), (i + 1, 1.0)])
+            return abs(b[1][1] - a[1][1]) * self._segment_lengths[key]
+        a, b = dict(a), dict(b)
+        return self._streamed_norm(item.path.points, [(i, b.get(i, 0.0) - a.get(i, 0.0)) for i in sorted(set(a) | set(b))])
+
+    def _streamed_norm(self, points, coefficients) -> float:
+        """‖Σ c_i θ_i‖ over all weights, one tensor at a time (float64 sums)."""
+        self._release_all_but(points)
+        sources = [self.sources[p] for p in points]
         total = 0.0
-        for name in self.sources[item.path.points[0]].shapes:
-            total += combine(sources, diff, name).double().square().sum().item()
+        for name in self.sources[points[0]].shapes:
+            total += combine(sources, coefficients, name).double().square().sum().item()
         return math.sqrt(total)
 
     def summarize(self) -> dict:

@@ -4,6 +4,7 @@ saved path points and wandb; bad input fails before evaluating."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,16 @@ def test_group_statistics_from_the_summary(setup, one_rank):
         assert float(stat["std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
         assert (float(stat["min"]), float(stat["max"])) == (min(values), max(values))
     assert (root / "one" / "plots" / "groups.png").stat().st_size > 1000
+
+
+def test_distances_are_the_weights_own(setup, one_rank):
+    """The endpoint distance is ‖θB − θA‖ over every tensor (computed here from the files, float64);
+    a straight path's length is that distance (its ten steps of 0.1, 0.15, ... summed)."""
+    import csv
+
+    root, _, runs = setup
+    summary = {r["path"]: r for r in csv.DictReader(open(root / "one" / "summary.csv"))}
+    a, b = (load_file(str(Path(runs[k]) / "model.safetensors")) for k in ("r0", "r1"))
+    expected = sum((b[k].double() - a[k].double()).square().sum().item() for k in a) ** 0.5
+    assert float(summary["r0--r1"]["endpoint_distance"]) == pytest.approx(expected, rel=1e-6)
+    assert float(summary["r0--r1"]["path_length"]) == pytest.approx(expected, rel=1e-6)
