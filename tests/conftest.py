@@ -39,3 +39,13 @@ def write_token_dir(out: Path, splits: dict[str, list[np.ndarray]]) -> Path:
                                  "shards": shards}
     (out / "meta.json").write_text(json.dumps(meta))
     return out
+
+
+def assert_png(path: Path, min_side: int = 100) -> None:
+    """`path` decodes as a PNG picture of at least min_side pixels a side that is not one flat colour."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    image = matplotlib.image.imread(path)
+    assert min(image.shape[:2]) >= min_side and image.std() > 0, (path, image.shape)
+

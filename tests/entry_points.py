@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ("modeconn.train", "modeconn.probe", "modeconn.align", "modeconn.evaluate", "modeconn.data.prepare",
-           "transformers")
+           "modeconn.experiment", "transformers")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_token_dir
+from conftest import ROOT, assert_png, write_token_dir
 from modeconn.hf import load_hf, save_hf
 from modeconn.model import GPT, ModelConfig
 from train_runner import command, env
@@ -69,7 +69,7 @@ def test_two_ranks_write_the_one_rank_rows_and_a_summary(setup, one_rank):
     assert one[0]["spectra"]["h.0.q"]["stable_rank"] > 1
     summary = (root / "one" / "summary.csv").read_text().splitlines()
     assert len(summary) == 4 and "loss_barrier" in summary[0] and "path_length" in summary[0]
-    assert (root / "one" / "plots" / "barriers.png").stat().st_size > 1000
+    assert_png(root / "one" / "plots" / "barriers.png")
     assert (root / "one" / "spectra" / "r0--r1" / "t_0.5000.safetensors").is_file()
 
 
@@ -99,7 +99,7 @@ def test_planes_saved_points_and_wandb(setup, one_rank, tmp_path):
         assert (r["loss"], r["token_error"]) == (line[r["alpha"]]["loss"], line[r["alpha"]]["token_error"])
     corner_c = next(r for r in on_plane if (r["alpha"], r["beta"]) == (0.0, 1.0))
     assert corner_c["loss"] == next(r["loss"] for r in one_rank if r["path"] == "r0--r2" and r["t"] == 1.0)
-    assert (out / "plots" / "plane_r0-r1-r2.png").stat().st_size > 1000
+    assert_png(out / "plots" / "plane_r0-r1-r2.png")
 
     # the saved midpoint is an ordinary checkpoint: the in-memory formula, exactly; probing it gives the t=0.5 row
     point = out / "points" / "r0--r1" / "t_0.5000"
@@ -231,7 +231,7 @@ def test_group_statistics_from_the_summary(setup, one_rank):
         assert float(stat["mean"]) == pytest.approx(statistics.fmean(values), rel=1e-12)
         assert float(stat["std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
         assert (float(stat["min"]), float(stat["max"])) == (min(values), max(values))
-    assert (root / "one" / "plots" / "groups.png").stat().st_size > 1000
+    assert_png(root / "one" / "plots" / "groups.png")
 
 
 def test_distances_are_the_weights_own(setup, one_rank):

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_png
 from modeconn.errors import ConfigError
 from modeconn.theory import landscape
 from modeconn.theory.nets import Task, digits, init_state, make_net, teacher_student
 from modeconn.theory.training import OptimSpec, lr_factor, train
+from modeconn.verdicts import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +119,11 @@ def test_fitted_star_centre_beats_the_anchors_mean(regression):
     assert path_loss(centre) < 0.8 * path_loss(mean)
 
 
+def test_a_verdict_is_all_some_or_none_of_its_parts():
+    assert verdict([True, True]) == "reproduced" and verdict([True, False]) == "partly"
+    assert verdict([False, False]) == "not reproduced"
+
+
 def test_theory_command_runs_a_miniature_of_every_experiment(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "theory.py", "--config", "configs/theory/mini.yaml", "--out_dir", str(out)],
@@ -124,8 +131,10 @@ def test_theory_command_runs_a_miniature_of_every_experiment(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     for name in ("width_sweep", "sgd_adam", "star", "spectra"):
-        assert results[name]["verdict"] in ("reproduced", "partly", "not reproduced")
-        assert sorted((out / f"{name}.png").read_bytes()[:4]) == sorted(b"\x89PNG")
+        # the verdict is the one its parts give (each part a measured comparison, in results.json)
+        parts = results[name]["verdict_parts"]
+        assert len(parts) == 2 and results[name]["verdict"] == verdict(list(parts.values()))
+        assert_png(out / f"{name}.png")
     report = (out / "report.md").read_text()
     assert report.count("| reproduced |") + report.count("| partly |") + report.count("| not reproduced |") == 4
 

@@ -14,16 +14,13 @@ from modeconn.paths import Path, t_grid
 from modeconn.theory import landscape
 from modeconn.theory.nets import digits, init_state, make_net, teacher_student
 from modeconn.theory.training import OptimSpec, evaluate, train
+from modeconn.verdicts import verdict
 
 Progress = Callable[[str], None]
 
 
 def _spec(**kw) -> Callable[[], OptimSpec]:
     return lambda: OptimSpec(**kw)
-
-
-def _verdict(parts: list[bool]) -> str:
-    return "reproduced" if all(parts) else "not reproduced" if not any(parts) else "partly"
 
 
 def _mean(xs) -> float:
@@ -120,7 +117,7 @@ def width_sweep(cfg: WidthSweepConfig, progress: Progress = lambda _: None) -> d
         "same_optimizer_small_vs_large": shrink,
         "smallest_width": {"width": w0, "adamw_muon_same_init": cross_small, "max_same_optimizer": same_small,
                            "share_of_runs_at_zero_loss": at_zero},
-        "verdict": _verdict([connects_at_large, disconnected_small]),
+        "verdict": verdict([connects_at_large, disconnected_small]),
         "verdict_parts": {"same-optimizer pairs connected (barrier < connected) at the largest widths": connects_at_large,
                           "AdamW-Muon barrier at the smallest width above the threshold and above the "
                           "same-optimizer barriers, with runs at zero loss": disconnected_small},
@@ -165,7 +162,7 @@ def sgd_vs_adam(cfg: SgdAdamConfig, progress: Progress = lambda _: None) -> dict
     amplifies = mean["adam"]["loss_barrier"] > mean["sgd"]["loss_barrier"]
     warmup_helps = mean["adam + warm-up"]["loss_barrier"] < mean["adam"]["loss_barrier"]
     return {"task": task.name, "width": cfg.width, "runs": rows, "mean": mean,
-            "verdict": _verdict([amplifies, warmup_helps]),
+            "verdict": verdict([amplifies, warmup_helps]),
             "verdict_parts": {"Adam's loss barrier above SGD's": amplifies,
                               "warm-up lowers Adam's loss barrier": warmup_helps}}
 
@@ -213,7 +210,7 @@ def star_paths(cfg: StarConfig, progress: Progress = lambda _: None) -> dict:
     lower = all(_mean(r["centre_to_anchor_barriers"]) < _mean(r["anchor_to_anchor_barriers"]) for r in out.values())
     equal_length = all(max(r["two_piece_length_over_distance"]) <= 1 + cfg.length_tolerance for r in out.values())
     return {"task": task.name, "width": cfg.width, "by_k": out,
-            "verdict": _verdict([lower, equal_length]),
+            "verdict": verdict([lower, equal_length]),
             "verdict_parts": {"centre-to-anchor barriers below anchor-to-anchor barriers (mean, every k)": lower,
                               f"two-piece length within {cfg.length_tolerance:.0%} of the distance (every pair)":
                                   equal_length}}
@@ -251,7 +248,7 @@ def spectra(cfg: SpectraConfig, sweep: Optional[dict] = None, progress: Progress
     higher = all(r_m > r_a for r_a, r_m in zip(ranks["adamw"], ranks["muon"]))
     monotone = all(all(y >= x - 1e-6 for x, y in zip(curve, curve[1:])) for curve in along)
     result = {"task": task.name, "width": cfg.width, "stable_rank": ranks, "t": ts, "stable_rank_along_path": along,
-              "verdict": _verdict([higher, monotone]),
+              "verdict": verdict([higher, monotone]),
               "verdict_parts": {"Muon's stable rank above AdamW's (every seed)": higher,
                                 "stable rank rises monotonically from AdamW to Muon (every seed)": monotone}}
     if sweep is not None:
