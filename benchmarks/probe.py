@@ -173,7 +173,7 @@ def _per_path(args, root: str) -> dict:
     from modeconn.data.loader import TokenWindows, ValidationSet
     from modeconn.metrics import batch_sums
     from modeconn.model import GPT
-    from modeconn.paths import Path as Line
+    from modeconn.paths import WeightPath
     from modeconn.spectra import summarize, svdvals_reference, weight_matrices
     from modeconn.stream import WeightSource, check_compatible, combine, load_point
 
@@ -186,7 +186,7 @@ def _per_path(args, root: str) -> dict:
         model = GPT(cfg).eval()
         val = ValidationSet(TokenWindows(Path(args.data), "val", cfg.block_size), args.batch_val_windows)
         batches = list(val.batches(args.batch))
-        line, ts = Line("linear", (a, b)), [i / 10 for i in range(11)]
+        line, ts = WeightPath("linear", (a, b)), [i / 10 for i in range(11)]
         for t in ts:
             with torch.no_grad():
                 load_point(model, sources, line.coefficients(t))

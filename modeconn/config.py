@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
+from modeconn.atomic import atomic_write_text
 from modeconn.errors import ConfigError
 
 T = TypeVar("T")
@@ -227,9 +228,7 @@ def save(cfg: Any, path: Path) -> None:
     """Write the resolved config; it loads back (`load(cls, path)`) to an equal object."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, dump(cfg))
 
 
 # --- sections shared by the commands ----------------------------------------------------------

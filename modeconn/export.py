@@ -30,7 +30,7 @@ from modeconn.hf import SAFETENSORS_NAME, read_meta, to_hf_state_dict, write_hf
 from modeconn.manifest import verify
 from modeconn.model import ModelConfig
 from modeconn.optim.roles import parameter_roles
-from modeconn.optim.zero_layout import flat_partitions, partition_param_group
+from modeconn.optim.zero_layout import flat_partitions, partition_param_group, zero3_partitioned
 
 TRAINER_STATE = "trainer_state"
 _TRAINER_STATE_KEYS = ("step", "tokens", "loader", "optimizer", "state_keys")
@@ -193,7 +193,7 @@ def load_optimizer_state(engine, model, tensors: dict[str, torch.Tensor], keys_b
                                   f"(expected {' or '.join(f'{name}::{k}' for k in keys)})")
         for key in present:
             value = tensors[f"{name}::{key}"].to(p.device)
-            if hasattr(p, "ds_id"):
+            if zero3_partitioned(p):
                 _set_zero3_state(engine.optimizer, p, value, key)
             elif hasattr(p, "_hp_mapping"):
                 safe_set_full_optimizer_state(p, value, key)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path as FilePath
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 from modeconn.errors import ConfigError
 from modeconn.hf import load_hf
 from modeconn.model import GPT, ModelConfig
-from modeconn.paths import Path, star
+from modeconn.paths import WeightPath, star
 from modeconn.stream import WeightSource, check_compatible
 
 
@@ -57,8 +57,8 @@ class PathFitConfig:
 
 def _load_points(paths: list[str]) -> tuple[ModelConfig, list[dict[str, torch.Tensor]]]:
     """The frozen points in our layout, after checking they are one architecture."""
-    config = check_compatible([WeightSource(FilePath(p)) for p in paths])
-    return config, [load_hf(FilePath(p))[1] for p in paths]
+    config = check_compatible([WeightSource(Path(p)) for p in paths])
+    return config, [load_hf(Path(p))[1] for p in paths]
 
 
 class PathPoint(GPT):
@@ -84,13 +84,13 @@ class PathPoint(GPT):
         """Called once DeepSpeed has partitioned this module's parameters at ZeRO stage 3."""
         self._zero3 = Zero3Point(list(self.parameters()))
 
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[WeightPath]:
         """The paths through the free point: one for a chain or curve, one per anchor for a star."""
         if self.fit.kind == "star":
             return star("free", list(self._frozen))
-        return [Path(self.fit.kind, ("A", "free", "B"))]
+        return [WeightPath(self.fit.kind, ("A", "free", "B"))]
 
-    def draw(self) -> tuple[Path, float]:
+    def draw(self) -> tuple[WeightPath, float]:
         """(path, t) of the next micro-batch: a function of (seed, rank, micro-batch number) alone."""
         gen = np.random.default_rng([self.seed, self.rank, self.draws])
         self.draws += 1
@@ -99,7 +99,7 @@ class PathPoint(GPT):
         paths = self.paths()
         return paths[int(gen.integers(len(paths)))], t
 
-    def weights_at(self, path: Path, t: float) -> dict[str, torch.Tensor]:
+    def weights_at(self, path: WeightPath, t: float) -> dict[str, torch.Tensor]:
         """θ(t) on `path`: the free point is this module's parameters (the gradient reaches them
         through their coefficient), the others are frozen."""
         out = {}

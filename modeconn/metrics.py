@@ -10,18 +10,25 @@ import torch.nn.functional as F
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
+def add_sums(sums: Iterable[tuple[float, int, int]]) -> tuple[float, int, int]:
+    """(summed cross-entropy, errors, tokens) of many batches, added in the order given: the order
+    fixes the rounding, so every way of splitting the batches (ranks, shards) adds them alike."""
+    loss_sum, errors, tokens = 0.0, 0, 0
+    for batch_loss, batch_errors, batch_tokens in sums:
+        loss_sum, errors, tokens = loss_sum + batch_loss, errors + batch_errors, tokens + batch_tokens
+    return loss_sum, errors, tokens
+
+
+def means(loss_sum: float, errors: float, tokens: float) -> dict:
+    """Token-weighted mean cross-entropy (nats) and token error (1 - next-token accuracy)."""
+    return {"loss": loss_sum / tokens, "token_error": errors / tokens, "tokens": int(tokens)}
+
+
 @torch.no_grad()
 def evaluate_lm(logits_fn: Logits, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Token-weighted mean cross-entropy (nats) and token error (1 - next-token accuracy).
-
-    Also returns the sums, so that ranks can add them up before dividing.
-    """
-    loss_sum, errors, tokens = 0.0, 0, 0
-    for x, y in batches:
-        batch_loss, batch_errors, batch_tokens = batch_sums(logits_fn(x), y)
-        loss_sum, errors, tokens = loss_sum + batch_loss, errors + batch_errors, tokens + batch_tokens
-    return {"loss": loss_sum / tokens, "token_error": errors / tokens,
-            "loss_sum": loss_sum, "errors": errors, "tokens": tokens}
+    """`means` over the batches; also the sums, so that ranks can add them up before dividing."""
+    loss_sum, errors, tokens = add_sums(batch_sums(logits_fn(x), y) for x, y in batches)
+    return {**means(loss_sum, errors, tokens), "loss_sum": loss_sum, "errors": errors}
 
 
 @torch.no_grad()

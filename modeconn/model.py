@@ -149,6 +149,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    block_modules = ("transformer.h",)  # whose linear weights are block matrices (optim/roles.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg

@@ -30,7 +30,8 @@ _POINT_COUNTS = {"linear": (2, 2, "2 points (A, B)"), "chain": (3, 10 ** 9, "3 o
 
 
 @dataclass(frozen=True)
-class Path:
+class WeightPath:
+    """A path through weight space over named points (not a file path: that is pathlib's)."""
     kind: PathKind
     points: tuple[str, ...]  # linear: (A, B); chain: (A, bends..., B); bezier: (A, control, B)
 
@@ -55,9 +56,9 @@ class Path:
         return [(i, 1.0 - local), (i + 1, local)]
 
 
-def star(centre: str, anchors: Sequence[str]) -> list[Path]:
+def star(centre: str, anchors: Sequence[str]) -> list[WeightPath]:
     """One linear path from the centre (t = 0) to each anchor (t = 1)."""
-    return [Path("linear", (centre, a)) for a in anchors]
+    return [WeightPath("linear", (centre, a)) for a in anchors]
 
 
 def plane_coefficients(alpha: float, beta: float) -> Coefficients:

@@ -45,7 +45,7 @@ from modeconn.distributed import (World, all_gather_objects, barrier, held_by_ra
 from modeconn.errors import ConfigError, ModeconnError
 from modeconn.lock import lock_for_directory
 from modeconn.logger import WandbConfig, start_wandb
-from modeconn.metrics import batch_sums
+from modeconn.metrics import add_sums, batch_sums, means
 from modeconn.model import GPT
 from modeconn.paths import path_slug, t_grid
 from modeconn.probe_plan import (Measurement, NamedPath, PathSpec, PlaneSpec, StarSpec, WorkItem, build_plan,
@@ -215,10 +215,7 @@ class Prober:
     def assemble(self, m: Measurement, items: list[WorkItem], parts: list[dict]) -> list[dict]:
         """The rows of `items` (all at measurement `m`) from the parts of its measurement."""
         batches = {i: sums for part in parts for i, sums in part["batches"].items()}
-        loss_sum, errors, tokens = 0.0, 0, 0
-        for i in range(len(self.val_batches)):  # in batch order, as one process sums them
-            loss_sum, errors, tokens = loss_sum + batches[i][0], errors + batches[i][1], tokens + batches[i][2]
-        values = {"loss": loss_sum / tokens, "token_error": errors / tokens, "tokens": tokens}
+        values = means(*add_sums(batches[i] for i in range(len(self.val_batches))))  # in batch order, as one process
         if m.checkpoint is not None:
             values["checkpoint"] = m.checkpoint  # the checkpoint's own row, shared by every path it ends
         spectra = {name: s for part in parts for name, s in part["spectra"].items()}

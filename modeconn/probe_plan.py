@@ -19,7 +19,7 @@ from typing import Callable, Union
 
 from modeconn.errors import ConfigError
 from modeconn.hf import read_meta
-from modeconn.paths import Coefficients, Path, PathKind, Plane, axis_grid, star
+from modeconn.paths import Coefficients, WeightPath, PathKind, Plane, axis_grid, star
 
 PAIR_RULES = ("all", "within", "across")
 
@@ -28,7 +28,7 @@ PAIR_RULES = ("all", "within", "across")
 class NamedPath:
     name: str
     group: str
-    path: Union[Path, Plane]
+    path: Union[WeightPath, Plane]
 
     @property
     def is_plane(self) -> bool:
@@ -182,14 +182,14 @@ def build_plan(cfg, ts: list[float], aligned_pair: Callable[[str, str], tuple[Pu
     paths = []
     for a, b in pairs:
         group = pair_group(groups, a, b)
-        paths.append(NamedPath(f"{a}--{b}", group, Path("linear", (cfg.runs[a], cfg.runs[b]))))
+        paths.append(NamedPath(f"{a}--{b}", group, WeightPath("linear", (cfg.runs[a], cfg.runs[b]))))
         if cfg.align is not None:
             a_form, b_aligned = aligned_pair(a, b)
             paths.append(NamedPath(f"{a}--{b}:aligned", f"{group}, aligned",
-                                   Path("linear", (str(a_form) if cfg.align.residual else cfg.runs[a], str(b_aligned)))))
+                                   WeightPath("linear", (str(a_form) if cfg.align.residual else cfg.runs[a], str(b_aligned)))))
     for spec in cfg.paths:
         paths.append(NamedPath(spec.name or "--".join(map(label, spec.points)), spec.group,
-                               Path(spec.kind, tuple(spec.points))))
+                               WeightPath(spec.kind, tuple(spec.points))))
     for spec in cfg.stars:
         for i, path in enumerate(star(spec.centre, spec.anchors)):
             paths.append(NamedPath(f"{spec.name or 'star'}/{i}:{label(path.points[1])}", spec.group, path))

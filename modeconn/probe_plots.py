@@ -4,7 +4,7 @@ histograms at chosen t, and loss and error over each plane (its three checkpoint
 
 from __future__ import annotations
 
-from pathlib import Path as FilePath
+from pathlib import Path
 
 import matplotlib
 
@@ -90,7 +90,7 @@ def plot_all(files, paths, by_path: dict, table: list[dict], stats: list[dict], 
             plt.close(fig)
 
 
-def plot_groups(target: FilePath, stats: list[dict]) -> None:
+def plot_groups(target: Path, stats: list[dict]) -> None:
     """Mean ± std of the loss and error barriers and the endpoint distance per group of paths."""
     quantities = [("loss_barrier", "loss barrier (nats)"), ("token_error_barrier", "token error barrier"),
                   ("endpoint_distance", "endpoint distance ‖θB − θA‖")]
@@ -115,7 +115,7 @@ def plot_groups(target: FilePath, stats: list[dict]) -> None:
     plt.close(fig)
 
 
-def plot_plane(target: FilePath, name: str, rows: list[dict]) -> None:
+def plot_plane(target: Path, name: str, rows: list[dict]) -> None:
     alphas, betas = sorted({r["alpha"] for r in rows}), sorted({r["beta"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, metric in zip(axes, ("loss", "token_error")):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from pathlib import Path as FilePath
+from pathlib import Path
 from typing import Callable, Iterable
 
 from modeconn.barrier import barriers
@@ -56,7 +56,7 @@ def group_statistics(table: list[dict]) -> list[dict]:
     return out
 
 
-def write_csv(target: FilePath, rows: list[dict], fields: Iterable[str] | None = None) -> None:
+def write_csv(target: Path, rows: list[dict], fields: Iterable[str] | None = None) -> None:
     fields = list(fields) if fields is not None else list(dict.fromkeys(k for r in rows for k in r))
     with open(target, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -35,7 +35,7 @@ from modeconn.fit import PathFitConfig, PathPoint, build_path_point
 from modeconn.hf import load_hf, read_meta
 from modeconn.lock import lock_for_directory
 from modeconn.logger import MetricsLogger, WandbConfig, format_duration
-from modeconn.metrics import batch_sums
+from modeconn.metrics import add_sums, batch_sums, means
 from modeconn.model import GPT, ModelConfig
 from modeconn.optim import OptimConfig, build_optimizer, describe_routing, state_keys_by_param
 from modeconn.schedule import ScheduleConfig, lr_multiplier
@@ -377,17 +377,15 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation over the fixed windows, split over ranks, summed over ranks."""
         self.engine.eval()
-        loss_sum, errors, tokens = 0.0, 0.0, 0.0
+        sums = []
         for i in range(self.val_forward_passes):
             counted = i < len(self.val_batches)
             x, y = self.val_batches[i] if counted else self.val_padding
             logits, _ = self.engine(x.to(self.world.device))
             if counted:
-                batch_loss, batch_errors, batch_tokens = batch_sums(logits, y)
-                loss_sum, errors, tokens = loss_sum + batch_loss, errors + batch_errors, tokens + batch_tokens
-        loss_sum, errors, tokens = all_reduce_sum([loss_sum, errors, tokens], self.world.device)
+                sums.append(batch_sums(logits, y))
         self.engine.train()
-        return {"loss": loss_sum / tokens, "token_error": errors / tokens, "tokens": int(tokens)}
+        return means(*all_reduce_sum(list(add_sums(sums)), self.world.device))
 
     # --- checkpoints, exports, signals ----------------------------------------------------------
 

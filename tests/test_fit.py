@@ -15,7 +15,7 @@ from bigram_runs import CONFIG, train_runs
 from conftest import ROOT
 from modeconn.fit import PathFitConfig, PathPoint
 from modeconn.hf import load_hf
-from modeconn.paths import Path
+from modeconn.paths import WeightPath
 from train_runner import assert_same_weights, command, env, losses, metrics, train, weights
 
 FIT = {"train.steps": 100, "train.micro_batch": 16, "train.log_every": 25, "optim.weight_decay": 0,
@@ -50,7 +50,7 @@ def test_the_free_point_is_trained_through_its_coefficient_only(runs):
     point, frozen = _two_run_point(runs, "bezier")
     for name, p in point.named_parameters():  # starts on the straight line: the endpoints' mean
         assert torch.allclose(p, 0.5 * (frozen[0][name] + frozen[1][name]))
-    weights = point.weights_at(Path("bezier", ("A", "free", "B")), 0.3)
+    weights = point.weights_at(WeightPath("bezier", ("A", "free", "B")), 0.3)
     name = "transformer.h.1.mlp.c_fc.weight"
     expected = 0.49 * frozen[0][name] + 0.42 * dict(point.named_parameters())[name] + 0.09 * frozen[1][name]
     assert torch.allclose(weights[name], expected, atol=1e-6)

@@ -8,8 +8,9 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 from modeconn.errors import ConfigError
 from modeconn.model import GPT, ModelConfig
 from modeconn.optim import OptimConfig, build_optimizer, describe_routing
-from modeconn.optim.muon import (DEFAULT_COEFFICIENTS, MuonConfig, gram_newton_schulz, newton_schulz, ns_multiply_adds,
-                                 orthogonalise, resolve_dtype, update_scale)
+from modeconn.optim.muon import MuonConfig, orthogonalise, resolve_dtype
+from modeconn.optim.newton_schulz import (DEFAULT_COEFFICIENTS, gram_newton_schulz, newton_schulz, ns_multiply_adds,
+                                          update_scale)
 from modeconn.optim.roles import parameter_roles
 
 
@@ -137,12 +138,11 @@ def test_split_qkv_equals_torch_muon_on_separate_q_k_v():
     d = 32
     w = torch.nn.Parameter(torch.randn(3 * d, d) * 0.02)
     parts = [torch.nn.Parameter(w.detach()[i * d:(i + 1) * d].clone()) for i in range(3)]
-    from modeconn.optim.muon import Muon, muon_matrices
+    from modeconn.optim.muon import Muon, MuonGroup, muon_matrices
 
     cfg = MuonConfig(ns_dtype="bfloat16", split_qkv=True)
-    ours = Muon([{"params": [w], "names": ["h.0.attn.c_attn.weight"], "use_muon": True, "lr": 0.02,
-                  "weight_decay": 0.1, "matrices": [muon_matrices("h.0.attn.c_attn.weight", (3 * d, d), 4, cfg)],
-                  "initial_lr": 0.02}], cfg)
+    ours = Muon([MuonGroup(["h.0.attn.c_attn.weight"], [w], lr=0.02, weight_decay=0.1,
+                           matrices=[muon_matrices("h.0.attn.c_attn.weight", (3 * d, d), 4, cfg)])], cfg)
     ref = torch.optim.Muon(parts, lr=0.02, weight_decay=0.1)
     for _ in range(5):
         g = torch.randn(3 * d, d)

@@ -47,6 +47,7 @@ def _train_distributed(rank, world_size, stage, out, zero_extra=None, muon=None,
     import deepspeed
 
     from modeconn.export import gather_weights
+    from modeconn.optim.muon_exchange import PartitionExchange
     from modeconn.optim.zero_layout import flat_partitions
 
     model = fresh_model()
@@ -67,8 +68,8 @@ def _train_distributed(rank, world_size, stage, out, zero_extra=None, muon=None,
                       if partitions is not None else None)
     owned = [(m.param, m.row_start) for m in optimizer.owned_matrices()]
     report = {"momentum": momentum, "muon_partition": muon_partition, "owned": owned,
-              "muon_partitions": len(optimizer._partition_exchange),
-              "travels": [plan.travels for plan in optimizer._partition_exchange.values()]}
+              "muon_partitions": sum(isinstance(e, PartitionExchange) for e in optimizer.exchanges.values()),
+              "travels": [e.travels for e in optimizer.exchanges.values() if isinstance(e, PartitionExchange)]}
     everyone = [None] * world_size
     dist.all_gather_object(everyone, report)
     weights = gather_weights(model)
@@ -161,7 +162,7 @@ def test_exchange_plans_agree_between_ranks_and_balance_the_work():
     """Synthetic layout, 3 ranks, cuts anywhere: pieces tile every matrix once; what rank r sends to
     rank d is what d expects from r; an owner's own pieces and the pieces it receives fill its
     buffer exactly once; owners' NS loads are within LPT's 4/3 of the lower bound."""
-    from modeconn.optim.muon import MatrixSlice, ns_multiply_adds
+    from modeconn.optim.newton_schulz import MatrixSlice, ns_multiply_adds
     from modeconn.optim.muon_exchange import PartitionExchange, matrix_pieces
     from modeconn.optim.zero_layout import Fragment
 
@@ -205,7 +206,7 @@ def test_exchange_plans_agree_between_ranks_and_balance_the_work():
 def test_owners_are_the_ranks_holding_the_layers(world):
     """ZeRO-1/2 layout of GPT-2 blocks (6 layers, d=256; Q, K, V separate), cut in `world` equal
     runs: owners keep LPT's NS makespan, and far fewer elements travel than under LPT alone."""
-    from modeconn.optim.muon import MatrixSlice, ns_multiply_adds
+    from modeconn.optim.newton_schulz import MatrixSlice, ns_multiply_adds
     from modeconn.optim.muon_exchange import PartitionExchange, assign_owners, matrix_pieces
     from modeconn.optim.zero_layout import Fragment
 

@@ -8,19 +8,19 @@ from modeconn.barrier import barriers
 from modeconn.errors import CheckpointError, ConfigError, ModeconnError
 from modeconn.hf import load_hf, save_hf
 from modeconn.model import GPT, ModelConfig
-from modeconn.paths import Path, Plane, axis_grid, plane_coefficients, star, t_grid
+from modeconn.paths import WeightPath, Plane, axis_grid, plane_coefficients, star, t_grid
 from modeconn.stream import WeightSource, check_compatible, load_point
 
 
 def test_coefficients_follow_the_documented_t_convention():
-    line = Path("linear", ("A", "B"))
+    line = WeightPath("linear", ("A", "B"))
     assert line.coefficients(0.0) == [(0, 1.0), (1, 0.0)] and line.coefficients(1.0) == [(0, 0.0), (1, 1.0)]
-    chain = Path("chain", ("A", "bend", "B"))
+    chain = WeightPath("chain", ("A", "bend", "B"))
     assert chain.coefficients(0.5) == [(1, 1.0), (2, 0.0)]  # one bend: at t = 0.5
     assert chain.coefficients(0.25) == [(0, 0.5), (1, 0.5)] and chain.coefficients(1.0) == [(1, 0.0), (2, 1.0)]
-    two_bends = Path("chain", ("A", "b1", "b2", "B"))
+    two_bends = WeightPath("chain", ("A", "b1", "b2", "B"))
     assert [i for i, _ in two_bends.coefficients(0.5)] == [1, 2]
-    bezier = Path("bezier", ("A", "C", "B"))
+    bezier = WeightPath("bezier", ("A", "C", "B"))
     assert bezier.coefficients(0.5) == [(0, 0.25), (1, 0.5), (2, 0.25)]
     assert [p.points for p in star("c", ["a1", "a2", "a3"])] == [("c", "a1"), ("c", "a2"), ("c", "a3")]
     assert plane_coefficients(0.0, 0.0) == [(0, 1.0), (1, 0.0), (2, 0.0)]
@@ -34,9 +34,9 @@ def test_coefficients_follow_the_documented_t_convention():
     ("chain", ("A", "B"), "3 or more points"), ("circle", ("A", "B"), "unknown path kind 'circle'")])
 def test_bad_paths_are_refused(kind, points, message):
     with pytest.raises(ConfigError, match=message):
-        Path(kind, points)
+        WeightPath(kind, points)
     with pytest.raises(ConfigError, match="outside"):
-        Path("linear", ("A", "B")).coefficients(1.5)
+        WeightPath("linear", ("A", "B")).coefficients(1.5)
     with pytest.raises(ConfigError, match="does not divide"):
         t_grid(0.3)
     with pytest.raises(ConfigError, match="a plane needs 3 points"):
@@ -68,10 +68,10 @@ def test_streamed_points_equal_their_formulas_exactly(tmp_path, tie, pad):
     a, c, b = (load_hf(d)[1] for d in dirs)  # in memory, the naive way
     model = GPT(cfg)
     for t in (0.0, 0.3, 0.7, 1.0):
-        load_point(model, sources, Path("linear", ("A", "B")).coefficients(t))
+        load_point(model, sources, WeightPath("linear", ("A", "B")).coefficients(t))
         for name, p in model.named_parameters():
             assert torch.equal(p, (1 - t) * a[name] + t * c[name]), (t, name)
-        load_point(model, sources, Path("bezier", ("A", "C", "B")).coefficients(t))
+        load_point(model, sources, WeightPath("bezier", ("A", "C", "B")).coefficients(t))
         for name, p in model.named_parameters():
             assert torch.equal(p, (1 - t) ** 2 * a[name] + 2 * t * (1 - t) * c[name] + t ** 2 * b[name]), (t, name)
 

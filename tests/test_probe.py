@@ -245,3 +245,29 @@ def test_distances_are_the_weights_own(setup, one_rank):
     expected = sum((b[k].double() - a[k].double()).square().sum().item() for k in a) ** 0.5
     assert float(summary["r0--r1"]["endpoint_distance"]) == pytest.approx(expected, rel=1e-6)
     assert float(summary["r0--r1"]["path_length"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_path_row_is_what_hugging_face_computes_on_the_interpolated_weights(setup, one_rank):
+    """An oracle of nobody here: GPT2LMHeadModel on (1 - t) θA + t θB, read from the files, on the
+    probe's validation windows, gives the row's loss and token error."""
+    from transformers import GPT2LMHeadModel
+
+    from modeconn.data.loader import TokenWindows, ValidationSet
+
+    root, data, runs = setup
+    t = 0.25
+    row = next(r for r in one_rank if r["path"] == "r0--r1" and r.get("t") == t)
+    a, b = (load_file(str(Path(runs[k]) / "model.safetensors")) for k in ("r0", "r1"))
+    model = GPT2LMHeadModel.from_pretrained(runs["r0"]).eval()
+    missing, unexpected = model.load_state_dict({k: (1 - t) * a[k] + t * b[k] for k in a}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied head is the embedding
+    windows = ValidationSet(TokenWindows(Path(data), "val", model.config.n_positions), 12)
+    losses, errors, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in windows.batches(4):
+            logits = model(x).logits.double()
+            losses += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            errors += (logits.argmax(-1) != y).sum().item()
+            tokens += y.numel()
+    assert row["loss"] == pytest.approx(losses / tokens, rel=1e-6)  # neighbouring t differ by 3e-5 and more
+    assert abs(row["token_error"] - errors / tokens) <= 1 / tokens  # at most one near-tie resolved otherwise

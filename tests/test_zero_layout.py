@@ -27,9 +27,8 @@ def _check_layout(rank, world_size, stage):
     engine.step()
 
     layout = partition_layout(engine, model)
-    params = dict((n, p) for n, p in model.named_parameters())
     partitions = flat_partitions(engine)
-    mine = {(f.name, f.start): fragment_values(partitions, f, params[f.name]).clone() for f in layout if f.rank == rank}
+    mine = {(f.name, f.start): fragment_values(partitions, f).clone() for f in layout if f.rank == rank}
     gathered = [None] * world_size
     dist.all_gather_object(gathered, mine)
     oracle = gather_weights(model)  # DeepSpeed's safe_get_full_fp32_param, collective
@@ -38,13 +37,11 @@ def _check_layout(rank, world_size, stage):
             frags = [f for f in layout if f.name == name]
             assert sum(f.numel for f in frags) == full.numel(), name  # the fragments tile the parameter ...
             assert all(a.start + a.numel == b.start for a, b in zip(frags, frags[1:])), name  # ... without gaps
-            if stage > 0:
-                assert len({f.rank for f in frags}) == len(frags)  # a rank holds one run of a parameter
+            assert len({f.rank for f in frags}) == len(frags)  # a rank holds one run of a parameter
             rebuilt = torch.cat([gathered[f.rank][(f.name, f.start)] for f in frags])
             assert torch.equal(rebuilt, full.view(-1)), name
-        if stage > 0:
-            cut = [n for n in oracle if len({f.rank for f in layout if f.name == n}) > 1]
-            assert cut, "no parameter is split between ranks: the test checks nothing"
+        cut = [n for n in oracle if len({f.rank for f in layout if f.name == n}) > 1]
+        assert cut, "no parameter is split between ranks: the test checks nothing"
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

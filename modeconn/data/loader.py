@@ -79,10 +79,6 @@ class TrainLoader:
         self.consumed += self.global_batch
         return self.windows.batch(self._order[lo: lo + self.micro_batch])
 
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next_batch()
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
                 "block_size": self.windows.block_size, "n_windows": len(self.windows)}

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from modeconn.errors import ConfigError
 from modeconn.optim.lion import Lion
-from modeconn.optim.muon import Muon, MuonConfig, fused_adamw_supported, muon_matrices
+from modeconn.optim.muon import Muon, MuonConfig, fused_adamw_supported, muon_param_groups
 from modeconn.optim.roles import parameter_roles
 
 OptimizerName = Literal["adamw", "sgd", "lion", "muon"]
@@ -70,32 +70,6 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Routing by role: block matrices to Muon (each with its matrix slices), the rest to AdamW."""
-    n_head = model.config.n_head
-    muon = {"params": [], "names": [], "matrices": [], "use_muon": True, "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay}
-    aux_decay = {"params": [], "names": [], "use_muon": False, "weight_decay": cfg.aux.weight_decay}
-    aux_plain = {"params": [], "names": [], "use_muon": False, "weight_decay": 0.0}
-    for name, p, role in parameter_roles(model):
-        if not p.requires_grad:
-            continue
-        if role == "matrix":
-            muon["params"].append(p)
-            muon["names"].append(name)
-            muon["matrices"].append(muon_matrices(name, tuple(p.shape), n_head, cfg.muon))
-            continue
-        group = aux_decay if role == "head" or (role == "embedding" and cfg.decay_embeddings) else aux_plain
-        group["params"].append(p)
-        group["names"].append(name)
-    for g in (aux_decay, aux_plain):
-        g.update(lr=cfg.aux.lr, betas=tuple(cfg.aux.betas), eps=cfg.aux.eps)
-    groups = [g for g in (muon, aux_decay, aux_plain) if g["params"]]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    return groups
-
-
 def _adamw(model, cfg):
     # torch's fused kernel, as nanoGPT uses on CUDA; on CPU the default single-tensor path spends most
     # of a step in elementwise calls (79 ms of sqrt per step at paper-small, benchmarks/RESULTS.md)
@@ -113,7 +87,9 @@ def _lion(model, cfg):
 
 
 def _muon(model, cfg):
-    return Muon(muon_param_groups(model, cfg), cfg.muon)
+    groups = muon_param_groups(parameter_roles(model), cfg.muon, model.config.n_head, cfg.lr, cfg.weight_decay,
+                               cfg.aux.lr, cfg.aux.betas, cfg.aux.eps, cfg.aux.weight_decay, cfg.decay_embeddings)
+    return Muon(groups, cfg.muon)
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]] = {
@@ -122,11 +98,13 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]]
 # Per-parameter state tensors (what a world-size-independent state must keep), by optimizer and,
 # for Muon, by side: momentum on its matrices, AdamW's two moments on the rest.
 STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "lion": ("exp_avg",)}
-MUON_STATE_KEYS = {True: ("momentum_buffer",), False: STATE_KEYS["adamw"]}
+MUON_STATE_KEYS = {"muon": ("momentum_buffer",), "adamw": STATE_KEYS["adamw"]}
 
 
 def group_state_keys(optimizer_name: str, group: dict) -> tuple[str, ...]:
-    return MUON_STATE_KEYS[group["use_muon"]] if optimizer_name == "muon" else STATE_KEYS[optimizer_name]
+    if optimizer_name != "muon":
+        return STATE_KEYS[optimizer_name]
+    return MUON_STATE_KEYS["muon" if group["use_muon"] else "adamw"]
 
 
 def state_keys_by_param(optimizer: torch.optim.Optimizer, optimizer_name: str) -> dict[str, tuple[str, ...]]:

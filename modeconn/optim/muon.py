@@ -9,7 +9,8 @@ For each Muon matrix W with gradient G (torch.optim.Muon's formulation):
                                                      on the wide orientation (tall matrices transposed)
     W <- W * (1 - lr * wd) - lr * scale(shape) * O   decoupled decay with the unadjusted lr
 
-The unit of orthogonalisation is a *matrix*: a range of rows of a parameter. GPT-2's fused
+The arithmetic (Newton–Schulz, its cost, the matrix slices, the scale) is in newton_schulz.py, a
+leaf. The unit of orthogonalisation is a *matrix*: a range of rows of a parameter. GPT-2's fused
 attention weight c_attn [3d, d] is three matrices (Q, K, V, as in the seed study), or 3 x n_head
 with `split_heads`. A row range of a row-major tensor is one contiguous run of its elements, which
 is what lets the distributed version find each matrix inside ZeRO's flat partitions.
@@ -23,20 +24,18 @@ on the raw gradient, before the momentum, and NS runs once per optimizer step.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 from torch.optim.adamw import adamw
 
 from modeconn.errors import ConfigError
-
-if TYPE_CHECKING:
-    from modeconn.optim.muon_exchange import PartitionExchange, ReplicatedExchange
-
-DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-ScaleMode = Literal["original", "match_rms_adamw", "spectral"]
+from modeconn.optim.muon_exchange import Exchange, LocalExchange, PartitionExchange, ReplicatedExchange, matrix_pieces
+# MatrixSlice is imported here also so that checkpoints pickled when it lived in this module load.
+from modeconn.optim.newton_schulz import (DEFAULT_COEFFICIENTS, MatrixSlice, ScaleMode, gram_newton_schulz,
+                                          newton_schulz, ns_multiply_adds, update_scale)
+from modeconn.optim.zero_layout import flat_partitions, partition_layout
 
 
 @dataclass
@@ -66,94 +65,12 @@ class MuonConfig:
                               "form's error is 2-4x the standard form's")
 
 
-def _wide_normalised(g: torch.Tensor, dtype: torch.dtype, eps: float) -> tuple[torch.Tensor, bool]:
-    """g in `dtype`, transposed if tall, divided by its Frobenius norm; and whether it was tall."""
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    return x / x.norm().clamp(min=eps), tall
-
-
-def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximate U V^T of g = U S V^T (singular values pushed into about [0.7, 1.2]).
-    The same operations, in the same order, as torch.optim.Muon's, so bf16 results agree bit for bit."""
-    a, b, c = coefficients
-    x, tall = _wide_normalised(g, dtype, eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-GRAM_RESTART = 3  # the Gram form re-forms X and its Gram matrix every 3 steps
-
-
-def gram_newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`newton_schulz`'s iteration on the Gram matrix of the wide orientation X (m x n, m <= n), after
-    Dao et al. (2026). With X_k = Q_k X_0 and G_k = X_k X_k^T, a step X_{k+1} = P_k X_k, where
-    P_k = aI + bG_k + cG_k^2, is Q_{k+1} = P_k Q_k and G_{k+1} = P_k G_k P_k: m x m products, and X is
-    multiplied only to form G and at the end. The iteration corrects rounding errors in X but not in
-    G, so X and G are formed afresh every GRAM_RESTART steps (half precision drifts without it)."""
-    a, b, c = coefficients
-    x, tall = _wide_normalised(g, dtype, eps)
-    gram, q = x @ x.T, None
-    for k in range(1, steps + 1):
-        p = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        p.diagonal().add_(a)
-        q = p if q is None else p @ q
-        if k == steps:
-            break
-        if k % GRAM_RESTART == 0:
-            x, q = q @ x, None
-            gram = x @ x.T
-        else:
-            gram = p @ gram @ p
-    x = q @ x
-    return x.T if tall else x
-
-
-def ns_multiply_adds(rows: int, cols: int, steps: int = 5, method: str = "standard") -> int:
-    """Multiply-adds of one matrix's Newton–Schulz, on the wide orientation (m <= n). Standard: per
-    step X X^T (m^2 n), the polynomial (m^3), its product with X (m^2 n). Gram (where cheaper): X is
-    multiplied twice per restart; per step P (m^3), Q (m^3) and G (2 m^3) except where skipped."""
-    m, n = sorted((rows, cols))
-    standard = steps * m * m * (2 * n + m)
-    if method != "gram":
-        return standard
-    restarts = (steps - 1) // GRAM_RESTART
-    return min(standard, (2 + 2 * restarts) * m * m * n + (4 * steps - 3 - 3 * restarts) * m ** 3)
-
-
 def orthogonalise(g: torch.Tensor, cfg: MuonConfig, dtype: torch.dtype) -> torch.Tensor:
     """NS of one matrix as `cfg` asks: the Gram form where it is asked for and takes fewer flops."""
     args = (cfg.ns_steps, tuple(cfg.ns_coefficients), cfg.eps, dtype)
     if ns_multiply_adds(*g.shape, cfg.ns_steps, cfg.ns_method) < ns_multiply_adds(*g.shape, cfg.ns_steps):
         return gram_newton_schulz(g, *args)
     return newton_schulz(g, *args)
-
-
-def update_scale(rows: int, cols: int, mode: ScaleMode) -> float:
-    if mode == "original":
-        return math.sqrt(max(1.0, rows / cols))
-    if mode == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return math.sqrt(rows / cols)  # spectral: sqrt(fan_out / fan_in) for a weight [out, in]
-
-
-@dataclass(frozen=True)
-class MatrixSlice:
-    """Rows [row_start, row_end) of a 2-D parameter, orthogonalised as one matrix."""
-    param: str
-    row_start: int
-    row_end: int
-    cols: int
-
-    @property
-    def rows(self) -> int:
-        return self.row_end - self.row_start
 
 
 def muon_matrices(name: str, shape: tuple[int, int], n_head: int, cfg: MuonConfig) -> list[MatrixSlice]:
@@ -176,15 +93,46 @@ def resolve_dtype(cfg: MuonConfig, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.ns_dtype]
 
 
-def apply_update(p: torch.Tensor, update: torch.Tensor, matrices: list[MatrixSlice], lr: float, wd: float,
-                 cfg: MuonConfig, dtype: Optional[torch.dtype] = None) -> None:
-    """Decay `p`, then subtract lr * scale * NS(update) matrix by matrix (rows of `p`). The lr and
-    the scale are one factor, as in torch.optim.Muon, so the rounding is the same."""
-    dtype = dtype or resolve_dtype(cfg, update.device)
-    p.mul_(1 - lr * wd)
-    for m in matrices:
-        orth = orthogonalise(update[m.row_start:m.row_end], cfg, dtype)
-        p[m.row_start:m.row_end].add_(orth, alpha=-lr * update_scale(m.rows, m.cols, cfg.scale))
+@dataclass
+class MuonGroup:
+    """One parameter group of `Muon`, typed: Muon's matrices (`matrices` given: each parameter's
+    slices) or the auxiliary AdamW's parameters (`betas`, `eps`). torch holds it as a dict."""
+    names: list[str]
+    params: list[torch.Tensor]
+    lr: float
+    weight_decay: float
+    matrices: Optional[list[list[MatrixSlice]]] = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def as_param_group(self) -> dict:
+        group = {"params": self.params, "names": self.names, "lr": self.lr, "initial_lr": self.lr,
+                 "weight_decay": self.weight_decay, "use_muon": self.matrices is not None}
+        group.update({"matrices": self.matrices} if self.matrices is not None else {"betas": self.betas,
+                                                                                      "eps": self.eps})
+        return group
+
+
+def muon_param_groups(named_roles: Iterable[tuple[str, torch.Tensor, str]], cfg: MuonConfig, n_head: int, lr: float,
+                      weight_decay: float, aux_lr: float, aux_betas, aux_eps: float, aux_weight_decay: float,
+                      decay_embeddings: bool = True) -> list[MuonGroup]:
+    """Routing by role (modeconn/optim/roles.py): block matrices to Muon, each with its matrix slices;
+    the head and embeddings (decayed unless `decay_embeddings` is off) and the gains and biases (never
+    decayed) to the auxiliary AdamW. Empty groups are left out."""
+    muon = MuonGroup([], [], lr, weight_decay, matrices=[])
+    aux_decay = MuonGroup([], [], aux_lr, aux_weight_decay, betas=tuple(aux_betas), eps=aux_eps)
+    aux_plain = MuonGroup([], [], aux_lr, 0.0, betas=tuple(aux_betas), eps=aux_eps)
+    for name, p, role in named_roles:
+        if not p.requires_grad:
+            continue
+        if role == "matrix":
+            group = muon
+            muon.matrices.append(muon_matrices(name, tuple(p.shape), n_head, cfg))
+        else:
+            group = aux_decay if role == "head" or (role == "embedding" and decay_embeddings) else aux_plain
+        group.names.append(name)
+        group.params.append(p)
+    return [g for g in (muon, aux_decay, aux_plain) if g.params]
 
 
 FUSED_ADAMW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -199,29 +147,29 @@ class Muon(torch.optim.Optimizer):
     """Muon with its auxiliary AdamW in one torch optimizer, in one process or as DeepSpeed's client
     optimizer at any ZeRO stage.
 
-    Param groups carry `use_muon` (True: 2-D block weights, with `matrices` per parameter) or False
-    (AdamW with `betas`, `eps`). Every group has `lr`, `weight_decay`, `initial_lr`, `names`.
+    Built from `MuonGroup`s (`muon_param_groups`); torch holds them as dicts with `use_muon`,
+    `names`, `lr`, `weight_decay`, `initial_lr`, and `matrices` (Muon) or `betas`, `eps` (AdamW).
 
-    Under DeepSpeed, call `attach(engine, model)` once after `deepspeed.initialize`. At ZeRO 1-3
-    the groups then hold flat fp32 partitions: momentum lives on this rank's partition only, and each
-    matrix is orthogonalised once, by its owner (`muon_exchange`). At ZeRO-0 with several ranks, each
-    matrix is orthogonalised once and the results are all-gathered. Unattached, every matrix is
-    orthogonalised locally (one process).
+    Under DeepSpeed, call `attach(engine, model)` once after `deepspeed.initialize`; it picks each
+    unit's exchange (`muon_exchange`). At ZeRO 1-3 the groups then hold flat fp32 partitions:
+    momentum lives on this rank's partition only, and each matrix is orthogonalised once, by its
+    owner. At ZeRO-0 with several ranks, each matrix is orthogonalised once and the results are
+    all-gathered. Unattached, every matrix is orthogonalised here (one process). The update itself
+    is written once (`_muon_group`), whichever exchange delivers NS.
     """
 
-    def __init__(self, groups: list[dict], cfg: MuonConfig):
+    def __init__(self, groups: list[MuonGroup], cfg: MuonConfig):
         self.cfg = cfg
-        super().__init__(groups, {})
-        self._partition_exchange: dict[int, PartitionExchange] = {}  # id(flat partition) -> its plan
-        self._replicated_exchange: dict[tuple, ReplicatedExchange] = {}  # group names -> plan (ZeRO-0)
+        super().__init__([g.as_param_group() for g in groups], {})
+        # How each unit of Muon storage is orthogonalised: a group's parameters (by its names) or,
+        # once attached at ZeRO 1-3, a flat partition (by its id). Chosen once, here and in attach().
+        self.exchanges: dict[object, Exchange] = {
+            tuple(g["names"]): LocalExchange(g["matrices"]) for g in self.param_groups if g["use_muon"]}
 
     def attach(self, engine, model) -> None:
         """Learn where every Muon matrix lies on every rank and plan who orthogonalises it.
         Collective: every rank calls it, after `deepspeed.initialize`."""
         import torch.distributed as dist
-
-        from modeconn.optim.muon_exchange import PartitionExchange, ReplicatedExchange, matrix_pieces
-        from modeconn.optim.zero_layout import flat_partitions, partition_layout
 
         rank, world_size = dist.get_rank(), dist.get_world_size()
         cost = functools.partial(ns_multiply_adds, steps=self.cfg.ns_steps, method=self.cfg.ns_method)
@@ -230,29 +178,23 @@ class Muon(torch.optim.Optimizer):
         partitions = flat_partitions(engine)
         if partitions is None:  # ZeRO-0 fp32: whole parameters on every rank
             if world_size > 1:
-                for g in muon_groups:
-                    flat = [m for name in g["names"] for m in matrices[name]]
-                    self._replicated_exchange[tuple(g["names"])] = ReplicatedExchange(flat, rank, world_size,
-                                                                                      ns_cost=cost)
+                self.exchanges = {tuple(g["names"]): ReplicatedExchange(g["matrices"], rank, world_size, ns_cost=cost)
+                                  for g in muon_groups}
             return
         layout = [f for f in partition_layout(engine, model) if f.name in matrices]
         group = getattr(engine.optimizer, "dp_process_group", None)
+        self.exchanges = {}
         for index, flat_partition in enumerate(partitions):
             fragments = [f for f in layout if f.partition == index]
             if fragments:  # from every rank's layout: a rank holding none of it still takes part
                 names = sorted({f.name for f in fragments}, key=list(matrices).index)
                 slices = [m for name in names for m in matrices[name]]
-                self._partition_exchange[id(flat_partition)] = PartitionExchange(
+                self.exchanges[id(flat_partition)] = PartitionExchange(
                     slices, matrix_pieces(slices, fragments), rank, world_size, group, cost)
 
     def owned_matrices(self) -> list[MatrixSlice]:
-        """The matrices this rank orthogonalises (all of them when unattached)."""
-        if self._partition_exchange:
-            return [m for plan in self._partition_exchange.values() for m in plan.owned_matrices]
-        if self._replicated_exchange:
-            return [m for plan in self._replicated_exchange.values()
-                    for k, m in enumerate(plan.matrices) if plan.owners[k] == plan.rank]
-        return [m for g in self.param_groups if g["use_muon"] for slices in g["matrices"] for m in slices]
+        """The matrices this rank orthogonalises (all of them in one process)."""
+        return [m for exchange in self.exchanges.values() for m in exchange.owned_matrices]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -261,13 +203,40 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # ZeRO wrappers step one group (or sub-group) at a time
-            if not group["use_muon"]:
-                self._adamw_group(group)
-            elif self._partition_exchange:
-                self._muon_partitions(group)
+            if group["use_muon"]:
+                self._muon_group(group)
             else:
-                self._muon_parameters(group)
+                self._adamw_group(group)
         return loss
+
+    def _units(self, group: dict) -> list[tuple[list[torch.Tensor], Exchange]]:
+        """The group's storage as (tensors, the exchange that orthogonalises them) units."""
+        params = group["params"]
+        if all(p.dim() == 2 for p in params):
+            return [(params, self.exchanges[tuple(group["names"])])]
+        if tuple(group["names"]) in self.exchanges:
+            raise RuntimeError("Muon: its parameters are flat ZeRO partitions; call optimizer.attach(engine, model) "
+                               "after deepspeed.initialize")
+        for flat in params:
+            if id(flat) not in self.exchanges:
+                raise RuntimeError(f"Muon: a flat partition of {flat.numel()} elements that attach() did not see "
+                                   f"(optimizer offload and parameter swapping are not supported with Muon)")
+        return [([flat], self.exchanges[id(flat)]) for flat in params]
+
+    def _muon_group(self, group: dict) -> None:
+        """Momentum, then W <- W (1 - lr wd) - lr scale NS(update), matrix piece by matrix piece. The
+        lr and the scale are one factor, as in torch.optim.Muon, so the rounding is the same."""
+        lr, wd = group["lr"], group["weight_decay"]
+        for tensors, exchange in self._units(group):
+            updates = [self._momentum(t) if t.grad is not None else None for t in tensors]
+            present = [t if u is not None else None for t, u in zip(tensors, updates)]
+            dtype = resolve_dtype(self.cfg, tensors[0].device)
+            results = exchange.orthogonalise(updates, dtype, lambda x: orthogonalise(x, self.cfg, dtype))
+            for t in present:
+                if t is not None:
+                    t.mul_(1 - lr * wd)
+            for (target, m), orth in zip(exchange.pieces(present), results):
+                target.add_(orth, alpha=-lr * update_scale(m.rows, m.cols, self.cfg.scale))
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         """Update the momentum of `p` (a parameter or a flat partition) and return the update to orthogonalise."""
@@ -277,48 +246,6 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - self.cfg.momentum)
         return p.grad.lerp(buf, self.cfg.momentum) if self.cfg.nesterov else buf
-
-    def _ns(self, dtype: torch.dtype):
-        return lambda x: orthogonalise(x, self.cfg, dtype)
-
-    def _muon_partitions(self, group: dict) -> None:
-        lr, wd, scale = group["lr"], group["weight_decay"], self.cfg.scale
-        for flat in group["params"]:
-            plan = self._partition_exchange.get(id(flat))
-            if plan is None:
-                raise RuntimeError(f"Muon: a flat partition of {flat.numel()} elements that attach() did not see "
-                                   f"(optimizer offload and parameter swapping are not supported with Muon)")
-            dtype = resolve_dtype(self.cfg, flat.device)
-            results = plan.orthogonalise(self._momentum(flat), dtype, self._ns(dtype))
-            flat.mul_(1 - lr * wd)
-            for piece, orth in zip(plan.local, results):
-                m = plan.matrices[piece.matrix]
-                flat.narrow(0, piece.offset, piece.numel).add_(orth, alpha=-lr * update_scale(m.rows, m.cols, scale))
-
-    def _muon_parameters(self, group: dict) -> None:
-        lr, wd, scale = group["lr"], group["weight_decay"], self.cfg.scale
-        exchange = self._replicated_exchange.get(tuple(group["names"]))
-        work = []
-        for name, p, slices in zip(group["names"], group["params"], group["matrices"]):
-            if p.dim() != 2:
-                raise RuntimeError("Muon: its parameters are flat ZeRO partitions; call optimizer.attach(engine, "
-                                   "model) after deepspeed.initialize")
-            if p.grad is None:
-                if exchange is not None:  # the ranks must orthogonalise the same matrices
-                    raise RuntimeError(f"Muon: {name} has no gradient on rank {exchange.rank}")
-                continue
-            work.append((p, self._momentum(p), slices))
-        if exchange is None:
-            for p, update, slices in work:
-                apply_update(p, update, slices, lr, wd, self.cfg)
-            return
-        dtype = resolve_dtype(self.cfg, work[0][0].device)
-        results = iter(exchange.orthogonalise([u[m.row_start:m.row_end] for _, u, slices in work for m in slices],
-                                              dtype, self._ns(dtype)))
-        for p, _, slices in work:
-            p.mul_(1 - lr * wd)
-            for m in slices:
-                p[m.row_start:m.row_end].add_(next(results), alpha=-lr * update_scale(m.rows, m.cols, scale))
 
     def _adamw_group(self, group: dict) -> None:
         """torch's AdamW arithmetic (its fused kernel on CPU and CUDA) on this group's parameters or partitions."""

@@ -1,5 +1,15 @@
 """Who orthogonalises which Muon matrix, and how its slices travel there and back.
 
+Three exchanges with one interface, one per way the matrices are stored, chosen once (`Muon.attach`):
+- `LocalExchange`: one process (or unattached): every matrix orthogonalised here;
+- `ReplicatedExchange`: ZeRO-0 on several ranks, whole parameters everywhere;
+- `PartitionExchange`: ZeRO 1-3, one flat partition per rank.
+Each is built for a *unit* of storage (a group's parameters, or one flat partition) and offers
+`pieces(tensors)`: the regions of the unit's tensors (or of tensors shaped like them: the
+momentum) that are this rank's pieces of matrices, each with its matrix; and
+`orthogonalise(updates, dtype, ns)`: the NS results for `pieces(updates)`, in that order. The
+optimizer applies the update once, the same way for all three.
+
 Newton–Schulz needs a whole matrix, while ZeRO leaves each rank a flat run of elements that may
 start or end anywhere inside a matrix. Every matrix gets one *owner* rank (balancing NS cost over
 the ranks); each rank sends the pieces it holds to their owners in one batched all_to_all, owners
@@ -15,16 +25,53 @@ knows every split size, and both sides of each exchange list pieces in the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-from modeconn.optim.muon import MatrixSlice, ns_multiply_adds
+from modeconn.optim.newton_schulz import MatrixSlice, ns_multiply_adds
 from modeconn.optim.zero_layout import Fragment
 
 Orthogonalise = Callable[[torch.Tensor], torch.Tensor]
 NSCost = Callable[[int, int], int]  # (rows, cols) -> the work of one matrix's NS, for balancing
+Piece2D = tuple[torch.Tensor, MatrixSlice]  # a region of a unit's tensor, and the matrix it is (part of)
+
+
+class Exchange(Protocol):
+    matrices: list[MatrixSlice]
+
+    @property
+    def owned_matrices(self) -> list[MatrixSlice]: ...
+
+    def pieces(self, tensors: list[Optional[torch.Tensor]]) -> list[Piece2D]: ...
+
+    def orthogonalise(self, updates: list[Optional[torch.Tensor]], dtype: torch.dtype,
+                      ns: Orthogonalise) -> Iterable[torch.Tensor]: ...
+
+
+def _row_pieces(tensors: list[Optional[torch.Tensor]], slices: list[list[MatrixSlice]]) -> list[Piece2D]:
+    """Each parameter's matrices as row ranges of it; a parameter given as None (no gradient) has none."""
+    return [(t[m.row_start:m.row_end], m) for t, mine in zip(tensors, slices) if t is not None for m in mine]
+
+
+class LocalExchange:
+    """One process: every matrix of a group's parameters is orthogonalised here, one at a time
+    (lazily, so that no more than one result is held)."""
+
+    def __init__(self, slices: list[list[MatrixSlice]]):
+        self.slices = slices
+        self.matrices = [m for mine in slices for m in mine]
+
+    @property
+    def owned_matrices(self) -> list[MatrixSlice]:
+        return self.matrices
+
+    def pieces(self, tensors: list[Optional[torch.Tensor]]) -> list[Piece2D]:
+        return _row_pieces(tensors, self.slices)
+
+    def orthogonalise(self, updates, dtype, ns) -> Iterable[torch.Tensor]:
+        return (ns(u) for u, _ in self.pieces(updates))
 
 
 def assign_owners(matrices: list[MatrixSlice], world_size: int, held: Optional[list[dict[int, int]]] = None,
@@ -129,9 +176,14 @@ class PartitionExchange:
     def owned_matrices(self) -> list[MatrixSlice]:
         return [self.matrices[k] for k, _ in self.owned]
 
-    def orthogonalise(self, update: torch.Tensor, dtype: torch.dtype, ns: Orthogonalise) -> list[torch.Tensor]:
-        """NS of every matrix in the flat `update`; returns the results for `self.local`, in order.
+    def pieces(self, tensors: list[Optional[torch.Tensor]]) -> list[Piece2D]:
+        (flat,) = tensors
+        return [(flat.narrow(0, p.offset, p.numel), self.matrices[p.matrix]) for p in self.local]
+
+    def orthogonalise(self, updates, dtype, ns) -> list[torch.Tensor]:
+        """NS of every matrix in the flat update ([update]); the results for `self.local`, in order.
         Collective over the group: every rank calls it for the same partition."""
+        (update,) = updates
         device = update.device
         send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in self.sent_pieces]).to(dtype) if self.sent
                 else torch.empty(0, dtype=dtype, device=device))
@@ -167,9 +219,11 @@ class PartitionExchange:
 class ReplicatedExchange:
     """ZeRO-0: every rank holds every matrix whole. Owners orthogonalise; one all_gather shares the results."""
 
-    def __init__(self, matrices: list[MatrixSlice], rank: int, world_size: int, group=None,
+    def __init__(self, slices: list[list[MatrixSlice]], rank: int, world_size: int, group=None,
                  ns_cost: NSCost = ns_multiply_adds):
-        self.matrices, self.rank, self.world_size, self.group = matrices, rank, world_size, group
+        self.slices, self.matrices = slices, [m for mine in slices for m in mine]
+        self.rank, self.world_size, self.group = rank, world_size, group
+        matrices = self.matrices
         self.owners = assign_owners(matrices, world_size, ns_cost=ns_cost)
         self.offsets, loads = [], [0] * world_size
         for k, m in enumerate(matrices):
@@ -177,10 +231,21 @@ class ReplicatedExchange:
             loads[self.owners[k]] += m.rows * m.cols
         self.bucket = max(loads)  # every rank's contribution is padded to the largest
 
-    def orthogonalise(self, updates: list[torch.Tensor], dtype: torch.dtype, ns: Orthogonalise) -> list[torch.Tensor]:
-        """NS of `updates` (one 2-D tensor per matrix, the same on every rank); collective."""
-        mine = torch.zeros(self.bucket, dtype=dtype, device=updates[0].device)
-        for k, (m, u) in enumerate(zip(self.matrices, updates)):
+    @property
+    def owned_matrices(self) -> list[MatrixSlice]:
+        return [m for k, m in enumerate(self.matrices) if self.owners[k] == self.rank]
+
+    def pieces(self, tensors: list[Optional[torch.Tensor]]) -> list[Piece2D]:
+        return _row_pieces(tensors, self.slices)
+
+    def orthogonalise(self, updates, dtype, ns) -> list[torch.Tensor]:
+        """NS of every matrix of the group's updates (the same on every rank); collective."""
+        for u, mine in zip(updates, self.slices):
+            if u is None:  # the ranks must orthogonalise the same matrices
+                raise RuntimeError(f"Muon: {mine[0].param} has no gradient on rank {self.rank}")
+        views = [u for u, _ in self.pieces(updates)]
+        mine = torch.zeros(self.bucket, dtype=dtype, device=views[0].device)
+        for k, (m, u) in enumerate(zip(self.matrices, views)):
             if self.owners[k] == self.rank:
                 mine.narrow(0, self.offsets[k], m.rows * m.cols).view(m.rows, m.cols).copy_(ns(u))
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]

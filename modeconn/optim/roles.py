@@ -16,14 +16,14 @@ from typing import Iterator, Literal
 import torch.nn as nn
 
 Role = Literal["matrix", "embedding", "head", "norm", "bias"]
-ROLES: tuple[Role, ...] = ("matrix", "embedding", "head", "norm", "bias")
 
 
 def parameter_roles(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Role]]:
-    """(name, parameter, role) for every distinct parameter; a tied weight appears once."""
+    """(name, parameter, role) for every distinct parameter; a tied weight appears once. A model
+    names its blocks (whose linear weights are the `matrix` role) in `block_modules`, dotted module
+    names: GPT's `transformer.h`, a testbed net's `hidden` layer."""
     seen: set[int] = set()
-    blocks = getattr(model, "transformer", None)
-    block_modules = {id(m) for m in blocks.h.modules()} if blocks is not None and hasattr(blocks, "h") else set()
+    block_modules = {id(m) for name in getattr(model, "block_modules", ()) for m in model.get_submodule(name).modules()}
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:

@@ -25,8 +25,13 @@ class Fragment:
     name: str  # parameter name
     start: int  # first element of the flattened parameter held by `rank`
     numel: int
-    partition: int  # which of the rank's flat fp32 partitions (one per parameter group); -1: none (ZeRO-0)
+    partition: int  # which of the rank's flat fp32 partitions (one per parameter group or sub-group)
     offset: int  # first element of the fragment in that partition
+
+
+def zero3_partitioned(p: torch.Tensor) -> bool:
+    """Whether `p` is a ZeRO-3 parameter: DeepSpeed gives those an id (and a partitioned ds_tensor)."""
+    return hasattr(p, "ds_id")
 
 
 def local_fragments(engine, model, rank: int) -> list[Fragment]:
@@ -34,7 +39,7 @@ def local_fragments(engine, model, rank: int) -> list[Fragment]:
     opt = engine.optimizer
     out = []
     for name, p, _ in parameter_roles(model):
-        if hasattr(p, "ds_id"):  # ZeRO-3
+        if zero3_partitioned(p):
             partition, offset, length = opt.grad_position[opt.get_param_id(p)]
             start = p.ds_tensor.ds_numel * dist.get_rank(group=opt.dp_process_group)
             numel = max(0, min(length, p.ds_numel - start))  # the last rank's slice is padded
@@ -44,8 +49,9 @@ def local_fragments(engine, model, rank: int) -> list[Fragment]:
             m = p._hp_mapping
             out.append(Fragment(rank, name, m.lp_fragment_address.start, m.lp_fragment_address.numel,
                                 m.param_group_index, m.hp_fragment_address.start))
-        elif not hasattr(p, "_hp_mapping"):  # ZeRO-0 fp32: every rank holds every parameter whole
-            out.append(Fragment(rank, name, 0, p.numel(), -1, -1))
+        elif not hasattr(p, "_hp_mapping"):
+            raise RuntimeError(f"{name} lies in no ZeRO partition (at ZeRO-0 fp32 every rank holds it whole; "
+                               f"flat_partitions is None there, and nothing needs a layout)")
     return out
 
 
@@ -57,10 +63,8 @@ def partition_layout(engine, model) -> list[Fragment]:
     return sorted((f for frags in everyone for f in frags), key=lambda f: (f.name, f.start, f.rank))
 
 
-def fragment_values(partitions: list[torch.Tensor], fragment: Fragment, param: torch.Tensor) -> torch.Tensor:
-    """The elements of `fragment` on this rank: a view into its flat partition (or the parameter)."""
-    if fragment.partition < 0:
-        return param.detach().view(-1)[fragment.start:fragment.start + fragment.numel]
+def fragment_values(partitions: list[torch.Tensor], fragment: Fragment) -> torch.Tensor:
+    """The elements of `fragment` on this rank: a view into its flat partition."""
     return partitions[fragment.partition].narrow(0, fragment.offset, fragment.numel)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from modeconn.errors import ConfigError
-from modeconn.paths import Path, t_grid
+from modeconn.paths import WeightPath, t_grid
 from modeconn.theory import landscape
 from modeconn.theory.nets import digits, init_state, make_net, teacher_student
 from modeconn.theory.training import OptimSpec, evaluate, train
@@ -242,7 +242,7 @@ def spectra(cfg: SpectraConfig, sweep: Optional[dict] = None, progress: Progress
         m, _ = train(net, task, init, cfg.muon, 500 + seed)
         ranks["adamw"].append(landscape.stable_rank(a))
         ranks["muon"].append(landscape.stable_rank(m))
-        path = Path("linear", ("adamw", "muon"))
+        path = WeightPath("linear", ("adamw", "muon"))
         along.append([landscape.stable_rank(landscape.combine([a, m], path.coefficients(t))) for t in ts])
         progress(f"seed {seed}")
     higher = all(r_m > r_a for r_a, r_m in zip(ranks["adamw"], ranks["muon"]))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.barrier import barriers
-from modeconn.paths import Path, t_grid
+from modeconn.paths import WeightPath, t_grid
 from modeconn.spectra import summarize, svdvals
 from modeconn.stream import weighted_sum
 from modeconn.theory.nets import Task
@@ -26,7 +26,7 @@ def combine(points: Sequence[State], coefficients) -> State:
     return {name: weighted_sum((points[i][name], c) for i, c in coefficients) for name in points[0]}
 
 
-def path_curve(net: nn.Module, task: Task, points: Sequence[State], path: Path, ts: Sequence[float]) -> dict:
+def path_curve(net: nn.Module, task: Task, points: Sequence[State], path: WeightPath, ts: Sequence[float]) -> dict:
     """Train/test loss and error at every t, and the barriers of train loss and test error."""
     rows = [evaluate(net, task, combine(points, path.coefficients(t))) for t in ts]
     curve = {key: [r[key] for r in rows] for key in rows[0]}
@@ -39,7 +39,7 @@ def path_curve(net: nn.Module, task: Task, points: Sequence[State], path: Path, 
 
 
 def linear_barrier(net: nn.Module, task: Task, a: State, b: State, points: int = 11) -> dict:
-    return path_curve(net, task, [a, b], Path("linear", ("a", "b")), t_grid(1 / (points - 1)))
+    return path_curve(net, task, [a, b], WeightPath("linear", ("a", "b")), t_grid(1 / (points - 1)))
 
 
 def distance(a: State, b: State) -> float:

@@ -22,6 +22,8 @@ from torch.nn import functional as F
 class TwoLayerReLU(nn.Module):
     """f(x) = Σ_j a_j relu(w_j·x + b_j); w: [width, d] (one row per unit), a: [width]."""
 
+    block_modules = ("hidden",)  # its block: the hidden layer (optim/roles.py); `out` is the head
+
     def __init__(self, d: int, width: int, bias: bool = False):
         super().__init__()
         self.hidden = nn.Linear(d, width, bias=bias)
@@ -33,6 +35,8 @@ class TwoLayerReLU(nn.Module):
 
 class MLP(nn.Module):
     """One hidden ReLU layer: x [n, d_in] -> logits [n, classes]."""
+
+    block_modules = ("hidden",)  # its block: the hidden layer (optim/roles.py); `out` is the head
 
     def __init__(self, d_in: int, width: int, classes: int):
         super().__init__()

@@ -17,7 +17,9 @@ from torch.func import functional_call
 
 from modeconn.errors import ConfigError
 from modeconn.optim.lion import Lion
-from modeconn.optim.muon import Muon, MuonConfig, ScaleMode, muon_matrices
+from modeconn.optim.muon import Muon, MuonConfig, muon_param_groups
+from modeconn.optim.newton_schulz import ScaleMode
+from modeconn.optim.roles import parameter_roles
 from modeconn.theory.nets import Task
 
 OptimizerName = Literal["sgd", "adamw", "muon", "lion"]
@@ -47,7 +49,8 @@ class OptimSpec:
             raise ConfigError(f"optimizer {self.name}: needs steps >= 1, lr > 0, batch_size >= 0, warmup in [0, 1)")
 
 
-def make_optimizer(params: dict[str, nn.Parameter], spec: OptimSpec) -> torch.optim.Optimizer:
+def make_optimizer(net: nn.Module, params: dict[str, nn.Parameter], spec: OptimSpec) -> torch.optim.Optimizer:
+    """The optimizer over `params` (the trained copies of `net`'s parameters, by name)."""
     plist = list(params.values())
     if spec.name == "sgd":
         return torch.optim.SGD(plist, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
@@ -56,14 +59,10 @@ def make_optimizer(params: dict[str, nn.Parameter], spec: OptimSpec) -> torch.op
     if spec.name == "lion":
         return Lion(plist, lr=spec.lr, weight_decay=spec.weight_decay)
     cfg = MuonConfig(ns_dtype=spec.ns_dtype, scale=spec.muon_scale)
-    matrices = [n for n in params if n == "hidden.weight"]
-    muon = {"params": [params[n] for n in matrices], "names": matrices, "use_muon": True, "lr": spec.lr,
-            "weight_decay": spec.weight_decay,
-            "matrices": [muon_matrices(n, tuple(params[n].shape), 1, cfg) for n in matrices]}
-    rest = [n for n in params if n not in matrices]
-    aux = {"params": [params[n] for n in rest], "names": rest, "use_muon": False, "lr": spec.aux_lr,
-           "weight_decay": 0.0, "betas": tuple(spec.betas), "eps": 1e-8}
-    return Muon([g for g in (muon, aux) if g["params"]], cfg)
+    roles = {name: role for name, _, role in parameter_roles(net)}
+    groups = muon_param_groups([(n, p, roles[n]) for n, p in params.items()], cfg, 1, spec.lr, spec.weight_decay,
+                               spec.aux_lr, spec.betas, 1e-8, aux_weight_decay=0.0)
+    return Muon(groups, cfg)
 
 
 def lr_factor(step: int, spec: OptimSpec) -> float:
@@ -80,7 +79,7 @@ def train(net: nn.Module, task: Task, state: dict[str, torch.Tensor], spec: Opti
           data_seed: int) -> tuple[dict[str, torch.Tensor], float]:
     """Train from `state` (not modified); returns the final parameters and the final full training loss."""
     params = {n: nn.Parameter(t.clone()) for n, t in state.items()}
-    optimizer = make_optimizer(params, spec)
+    optimizer = make_optimizer(net, params, spec)
     n = len(task.y_train)
     batch = spec.batch_size or n
     order, cursor = None, n
