@@ -180,7 +180,7 @@ def ns_error(check: Check) -> dict:
     """NS of each block matrix of the trained export against the exact polynomial of its float64
     singular values: U p(...p(s / ||s||)) V^T, p(x) = a x + b x^3 + c x^5."""
     from modeconn.hf import load_model
-    from modeconn.optim.muon import DEFAULT_COEFFICIENTS, gram_newton_schulz, newton_schulz
+    from modeconn.optim.newton_schulz import DEFAULT_COEFFICIENTS, gram_newton_schulz, newton_schulz
     from modeconn.spectra import weight_matrices
 
     export = Path(check.results["train"]["adamw_compile_off"]["out_dir"]) / "final"
