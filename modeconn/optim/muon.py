@@ -212,6 +212,8 @@ class Muon(torch.optim.Optimizer):
     def _units(self, group: dict) -> list[tuple[list[torch.Tensor], Exchange]]:
         """The group's storage as (tensors, the exchange that orthogonalises them) units."""
         params = group["params"]
+        if not params:  # ZeRO-3 hands over one sub-group's partition at a time; the other groups are empty
+            return []
         if all(p.dim() == 2 for p in params):
             return [(params, self.exchanges[tuple(group["names"])])]
         if tuple(group["names"]) in self.exchanges:
