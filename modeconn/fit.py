@@ -34,6 +34,7 @@ import torch
 from modeconn.errors import ConfigError
 from modeconn.hf import load_hf
 from modeconn.model import GPT, ModelConfig
+from modeconn.optim.zero_layout import zero3_partitioned
 from modeconn.paths import WeightPath, star
 from modeconn.stream import WeightSource, check_compatible
 
@@ -80,9 +81,15 @@ class PathPoint(GPT):
             for n, p in self.named_parameters():
                 p.copy_(sum(f[n] for f in self._frozen.values()) / len(self._frozen))
 
-    def use_zero3_partitions(self) -> None:
-        """Called once DeepSpeed has partitioned this module's parameters at ZeRO stage 3."""
-        self._zero3 = Zero3Point(list(self.parameters()))
+    def attach(self, engine, model) -> None:
+        """Once DeepSpeed has wrapped this module: at ZeRO-3 its parameters are partitioned, and the
+        path reads them whole through `Zero3Point`."""
+        if zero3_partitioned(next(self.parameters())):
+            self._zero3 = Zero3Point(list(self.parameters()))
+
+    def resume_at(self, step: int, grad_accum: int) -> None:
+        """The draws of t continue where they stopped: one per micro-batch of every step so far."""
+        self.draws = step * grad_accum
 
     def paths(self) -> list[WeightPath]:
         """The paths through the free point: one for a chain or curve, one per anchor for a star."""

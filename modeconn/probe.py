@@ -22,38 +22,30 @@ writes θ(t) as checkpoints, and `wandb` logs rows, summary and plots.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from modeconn import config as config_lib
 from modeconn.align import AlignConfig, align_checkpoints
-from modeconn.atomic import atomic_write_text, clean_leftovers, temporary_path
+from modeconn.atomic import clean_leftovers
 from modeconn.config import DataConfig
-from modeconn.data.loader import TokenWindows, ValidationSet
 from modeconn.distributed import (World, all_gather_objects, barrier, held_by_rank0, init_distributed, shutdown,
                                   strip_launcher_args)
-from modeconn.errors import ConfigError, ModeconnError
+from modeconn.errors import ConfigError
 from modeconn.lock import lock_for_directory
 from modeconn.logger import WandbConfig, start_wandb
-from modeconn.metrics import add_sums, batch_sums, means
-from modeconn.model import GPT
-from modeconn.paths import path_slug, t_grid
-from modeconn.probe_plan import (Measurement, NamedPath, PathSpec, PlaneSpec, StarSpec, WorkItem, build_plan,
-                                 row_key)
+from modeconn.paths import t_grid
+from modeconn.probe_eval import PointEvaluator
+from modeconn.probe_plan import Measurement, PathSpec, PlaneSpec, StarSpec, WorkItem, build_plan, row_key
+from modeconn.probe_store import ProbeFiles, ResultsStore
 from modeconn.probe_summary import group_lines, group_statistics, path_lines, path_table, plane_lines, write_csv
-from modeconn.spectra import singular_values_of, spectrum_distance, summarize, weight_matrices
-from modeconn.stream import WeightSource, check_compatible, combine, load_point, write_point
-
+from modeconn.spectra import spectrum_distance
+from modeconn.stream import write_point
 
 @dataclass
 class SpectraConfig:
@@ -83,65 +75,6 @@ class ProbeConfig:
     out_dir: str = "out/probe"
 
 
-class ProbeFiles:
-    """Every file and directory name of a probe batch, made here."""
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.results = self.out / "results.jsonl"
-        self.config = self.out / "probe_config.yaml"
-        self.summary = self.out / "summary.csv"
-        self.groups = self.out / "groups.csv"
-        self.spectra_distances = self.out / "spectra_distances.csv"
-        self.plots = self.out / "plots"
-
-    def spectra(self, path_name: str, t: float) -> Path:
-        """The singular values of every matrix at t on a path."""
-        return self.out / "spectra" / path_slug(path_name) / f"t_{t:.4f}.safetensors"
-
-    def point(self, path_name: str, t: float) -> Path:
-        """θ(t) of a path, written as a checkpoint (`save_points`)."""
-        return self.out / "points" / path_slug(path_name) / f"t_{t:.4f}"
-
-    def aligned_pair(self, a: str, b: str) -> tuple[Path, Path]:
-        """Where the pair (a, b) of `runs` is kept aligned: A in canonical form (with align.residual),
-        B aligned to A."""
-        folder = self.out / "aligned" / f"{a}--{b}"
-        return folder / a, folder / b
-
-
-def _read_rows(results: Path) -> list[dict]:
-    """The complete rows of results.jsonl (a line cut short by a kill is dropped)."""
-    rows = []
-    if results.is_file():
-        for line in results.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "path" in row and ("t" in row or "alpha" in row):
-                rows.append(row)
-    return rows
-
-
-def _publish(tensors: dict[str, torch.Tensor], targets: list[Path]) -> None:
-    """One safetensors file at every target: written once, then hard-linked (copied where the
-    filesystem has no links); each target appears whole or not at all."""
-    first = None
-    for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(target)
-        if first is None:
-            save_file(tensors, str(tmp))
-        else:
-            try:
-                os.link(first, tmp)
-            except OSError:
-                shutil.copyfile(first, tmp)
-        os.replace(tmp, target)
-        first = first or target
-
-
 class Prober:
     def __init__(self, cfg: ProbeConfig, world: World):
         self.cfg, self.world, self.out = cfg, world, Path(cfg.out_dir)
@@ -158,15 +91,9 @@ class Prober:
         self.paths = self.plan.paths
         self._write_alignments()
         points = list(dict.fromkeys(p for named in self.paths for p in named.path.points))
-        self.sources = {p: WeightSource(Path(p)) for p in points}  # opened, checked: before any evaluation
-        self.model_cfg = check_compatible(list(self.sources.values()))
-        self.model = GPT(self.model_cfg).to(world.device).eval()
-        val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", self.model_cfg.block_size),
-                            cfg.data.val_windows or None)
-        self.val_batches = [(x.to(world.device), y.to(world.device)) for x, y in val.batches(cfg.data.eval_batch_size)]
-        self.n_windows = len(val)
+        self.evaluator = PointEvaluator(cfg, world, points)  # opens and checks every checkpoint
+        self.store = ResultsStore(self.files)
         self.evaluations = 0  # measurements made by this run (a rerun makes only the missing ones)
-        self._segment_lengths: dict[tuple[str, str], float] = {}  # ‖θ_{i+1} − θ_i‖ of straight segments
         self.wandb = None
 
     def _write_alignments(self) -> None:
@@ -185,64 +112,23 @@ class Prober:
                   f"{report['similarity_before']:.4g} -> {report['similarity_after']:.4g}", flush=True)
         barrier()
 
-    # --- one measurement -------------------------------------------------------------------------
-    # A point is measured in parts (validation batches, matrices), so that one rank can do all of
-    # them or every rank a share; the rows are assembled from the parts in one fixed order, and are
-    # bitwise the same however the parts were spread.
-
-    @torch.no_grad()
-    def measure(self, m: Measurement, share: int = 0, shares: int = 1) -> dict:
-        """Build the point; measure every `shares`-th batch and matrix, from `share` on."""
-        start = time.perf_counter()
-        self._release_all_but(m.points)
-        load_point(self.model, [self.sources[p] for p in m.points], list(m.coefficients))
-        batches = {i: batch_sums(self.model(x)[0], y) for i, (x, y) in enumerate(self.val_batches)
-                   if i % shares == share}
-        spectra = {}
-        if self.cfg.spectra.enabled and m.spectra:
-            matrices = weight_matrices(self.model, self.cfg.spectra.embeddings)
-            spectra = singular_values_of([w for i, w in enumerate(matrices.values()) if i % shares == share])
-            spectra = dict(zip([n for i, n in enumerate(matrices) if i % shares == share], spectra))
-        return {"batches": batches, "spectra": spectra, "seconds": time.perf_counter() - start}
-
-    def _release_all_but(self, points) -> None:
-        """Unmap the checkpoints this point does not use: resident memory stays that of the few a
-        point combines, however many the batch holds."""
-        for path, source in self.sources.items():
-            if path not in points:
-                source.release()
-
-    def assemble(self, m: Measurement, items: list[WorkItem], parts: list[dict]) -> list[dict]:
-        """The rows of `items` (all at measurement `m`) from the parts of its measurement."""
-        batches = {i: sums for part in parts for i, sums in part["batches"].items()}
-        values = means(*add_sums(batches[i] for i in range(len(self.val_batches))))  # in batch order, as one process
-        if m.checkpoint is not None:
-            values["checkpoint"] = m.checkpoint  # the checkpoint's own row, shared by every path it ends
-        spectra = {name: s for part in parts for name, s in part["spectra"].items()}
-        summaries = {}
-        if spectra:
-            spectra = {name: spectra[name] for name in weight_matrices(self.model, self.cfg.spectra.embeddings)}
-            summaries = {name: summarize(s) for name, s in spectra.items()}
-            on_paths = [i for i in items if not i.named.is_plane]
-            if self.cfg.spectra.save_singular_values and on_paths:
-                _publish({k: v.contiguous() for k, v in spectra.items()},
-                         [self.files.spectra(i.named.name, i.at[0]) for i in on_paths])
-        seconds = max(part["seconds"] for part in parts)
-        rows = []
-        for item in items:
-            row = {"path": item.named.name, "group": item.named.group, "kind": item.named.path.kind,
-                   "points": list(item.named.path.points), **item.coordinates(), **values}
-            if summaries and not item.named.is_plane:
-                row["spectra"] = summaries
-            rows.append({**row, "seconds": seconds})
+    def _rows(self, m: Measurement, items: list[WorkItem], parts: list[dict]) -> list[dict]:
+        """The rows of one measurement; its singular values saved at every path point it is."""
+        rows, spectra = self.evaluator.assemble(m, items, parts)
+        on_paths = [(i.named.name, i.at[0]) for i in items if not i.named.is_plane]
+        if spectra and self.cfg.spectra.save_singular_values and on_paths:
+            self.store.publish_spectra(spectra, on_paths)
         return rows
 
     # --- the batch ---------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        self._check_or_save_config()
+        self.store.check_settings(self.cfg)
         barrier()
-        rows = _read_rows(self.files.results)
+        if self.world.is_main:
+            self.store.save_settings(self.cfg)
+        barrier()
+        rows = self.store.rows()
         done = {row_key(r) for r in rows}
         todo: dict[tuple, list[WorkItem]] = {}
         for item in self.plan.items:
@@ -250,13 +136,13 @@ class Prober:
                 todo.setdefault(item.measurement_key(), []).append(item)
         work = [(self.plan.measurements[key], items) for key, items in todo.items()]
         if self.world.is_main:
-            atomic_write_text(self.files.results, "".join(json.dumps(r) + "\n" for r in rows))  # drops a cut-off line
+            self.store.resume()  # drops a line cut off by a kill
             shared = sum(1 for m in self.plan.measurements.values() if m.checkpoint is not None)
             print(f"probe: {len(self.paths)} paths/planes, {len(self.plan.items)} points from "
                   f"{len(self.plan.measurements)} evaluations ({shared} checkpoints, each evaluated once); "
                   f"{len(done)} points done before, {sum(len(i) for _, i in work)} to go in {len(work)} evaluations, "
-                  f"on {self.world.world_size} rank(s) (shard: {self.cfg.shard}); model {self.model_cfg.n_layer} "
-                  f"layers, d={self.model_cfg.n_embd}; {self.n_windows} validation windows", flush=True)
+                  f"on {self.world.world_size} rank(s) (shard: {self.cfg.shard}); model {self.evaluator.model_cfg.n_layer} "
+                  f"layers, d={self.evaluator.model_cfg.n_embd}; {self.evaluator.n_windows} validation windows", flush=True)
             self.wandb = start_wandb(self.out, self.cfg.wandb, config_lib.to_dict(self.cfg))
         self._save_points()
         progress = self._progress(len(work))
@@ -265,15 +151,15 @@ class Prober:
             together = self.cfg.shard == "batches" or (self.cfg.shard == "auto" and len(work) - position < size)
             if together:  # every rank on the same point, a share of its batches and matrices each
                 m, items = work[position]
-                parts = all_gather_objects(self.measure(m, self.world.rank, size))
-                new = self.assemble(m, items, parts) if self.world.is_main else []
+                parts = all_gather_objects(self.evaluator.measure(m, self.world.rank, size))
+                new = self._rows(m, items, parts) if self.world.is_main else []
                 position, evaluated = position + 1, 1
             else:  # one point per rank
                 mine = position + self.world.rank
-                part = self.measure(work[mine][0]) if mine < len(work) else None
+                part = self.evaluator.measure(work[mine][0]) if mine < len(work) else None
                 gathered = all_gather_objects(part)
                 new = [row for (m, items), part in zip(work[position:position + size], gathered)
-                       for row in self.assemble(m, items, [part])] if self.world.is_main else []
+                       for row in self._rows(m, items, [part])] if self.world.is_main else []
                 evaluated = min(size, len(work) - position)
                 position += size
             self.evaluations += evaluated
@@ -289,10 +175,7 @@ class Prober:
         return {**summary, "evaluations": self.evaluations}
 
     def _append(self, new: list[dict]) -> None:
-        with open(self.files.results, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in new))
-            f.flush()
-            os.fsync(f.fileno())
+        self.store.append(new)
         if self.wandb is not None:
             for r in (r for r in new if "t" in r):  # each path against its own t axis
                 self.wandb.define_metric(f"{r['path']}/*", step_metric=f"{r['path']}/t")
@@ -306,7 +189,7 @@ class Prober:
         missing = [target for target in targets if not target[2].exists()]
         for named, t, target in missing[self.world.rank::self.world.world_size]:
             coefficients = named.path.coefficients(t)
-            write_point([self.sources[p] for p in named.path.points], coefficients, target,
+            write_point([self.evaluator.sources[p] for p in named.path.points], coefficients, target,
                         {"probe_path": named.name, "kind": named.path.kind, "t": t,
                          "points": list(named.path.points), "coefficients": coefficients})
         if missing and self.world.is_main:
@@ -319,61 +202,14 @@ class Prober:
         return tqdm(total=total, desc="probe evaluations", unit="pt", disable=not self.world.is_main,
                     dynamic_ncols=True)
 
-    def _check_or_save_config(self) -> None:
-        """A batch resumed with other data or spectra settings would mix incomparable rows: refused
-        (every rank checks, so all of them stop); rank 0 saves the config."""
-        path = self.files.config
-        current = config_lib.to_dict(self.cfg)
-        if path.is_file():
-            import yaml
-
-            try:
-                saved = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ModeconnError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); it records this batch's "
-                                    f"settings: restore it, or use another out_dir") from None
-            if not isinstance(saved, dict):
-                raise ModeconnError(f"{path}: not a probe config; restore it, or use another out_dir")
-            for key in ("data", "spectra", "align"):
-                if saved.get(key) != current.get(key) and (key != "align" or saved.get(key) is not None):
-                    raise ModeconnError(f"{path}: this batch was run with other {key} settings ({saved.get(key)}); "
-                                        f"use another out_dir to probe with {current.get(key)}")
-        barrier()
-        if self.world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            config_lib.save(self.cfg, path)
-
     # --- summaries and plots ----------------------------------------------------------------------------
 
-    def distance(self, item: NamedPath, t0: float, t1: float) -> float:
-        """‖θ(t1) − θ(t0)‖ over all weights. Two points on one straight segment (of a linear path or a
-        chain) are |Δ| times the segment's length, streamed once per segment; other pairs of points are
-        streamed tensor by tensor."""
-        a, b = item.path.coefficients(t0), item.path.coefficients(t1)
-        if item.path.kind in ("linear", "chain") and a[0][0] == b[0][0]:  # [(i, 1 − s), (i + 1, s)]: one segment
-            i = a[0][0]
-            key = (item.path.points[i], item.path.points[i + 1])
-            if key not in self._segment_lengths:
-                self._segment_lengths[key] = self._streamed_norm(item.path.points, [(i, -1.0), (i + 1, 1.0)])
-            return abs(b[1][1] - a[1][1]) * self._segment_lengths[key]
-        a, b = dict(a), dict(b)
-        return self._streamed_norm(item.path.points, [(i, b.get(i, 0.0) - a.get(i, 0.0)) for i in sorted(set(a) | set(b))])
-
-    def _streamed_norm(self, points, coefficients) -> float:
-        """‖Σ c_i θ_i‖ over all weights, one tensor at a time (float64 sums)."""
-        self._release_all_but(points)
-        sources = [self.sources[p] for p in points]
-        total = 0.0
-        for name in self.sources[points[0]].shapes:
-            total += combine(sources, coefficients, name).double().square().sum().item()
-        return math.sqrt(total)
-
     def summarize(self) -> dict:
-        rows = _read_rows(self.files.results)
+        rows = self.store.rows()
         lines = [p for p in self.paths if not p.is_plane]
         by_path = {p.name: sorted((r for r in rows if r["path"] == p.name), key=lambda r: r["t"]) for p in lines}
         planes = {p.name: [r for r in rows if r["path"] == p.name] for p in self.paths if p.is_plane}
-        table = path_table(lines, by_path, self.distance)
+        table = path_table(lines, by_path, self.evaluator.distance)
         stats = group_statistics(table)
         write_csv(self.files.summary, table)
         write_csv(self.files.groups, stats, ("group", "quantity", "n", "mean", "std", "min", "max"))

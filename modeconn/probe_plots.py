@@ -16,7 +16,7 @@ from modeconn.paths import path_slug  # noqa: E402
 
 
 def plot_all(files, paths, by_path: dict, table: list[dict], stats: list[dict], spectra_cfg, planes: dict) -> None:
-    """`files`: the batch's file names (modeconn.probe.ProbeFiles)."""
+    """`files`: the batch's file names (modeconn.probe_store.ProbeFiles)."""
     plots = files.plots
     plots.mkdir(parents=True, exist_ok=True)
     if stats:

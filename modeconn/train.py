@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -135,6 +135,42 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run starts: afresh, from a complete checkpoint, or from an export with trainer state."""
+    kind: Literal["fresh", "checkpoint", "export"]
+    path: Optional[Path] = None
+
+
+@runtime_checkable
+class EngineAttached(Protocol):
+    """A piece that must learn the DeepSpeed engine once it exists: Muon (where its matrices lie in
+    ZeRO's partitions), a path-fit point (ZeRO-3 partitions). Its builder gives it `attach`."""
+
+    def attach(self, engine, model) -> None: ...
+
+
+class LogWindow:
+    """The training loss and throughput since the last log line. The loss is summed on the device,
+    so a micro-step never waits for the host."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.device, self.loss_sum = device, torch.zeros((), dtype=torch.float64, device=device)
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.loss_sum.zero_()
+        self.from_step, self.tokens, self.start = step, 0, time.perf_counter()
+
+    def close(self, step: int, micro_batches_per_step: int) -> tuple[float, float]:
+        """(mean loss over every rank's micro-batches, tokens per second), then a new window."""
+        loss_total, = all_reduce_sum([self.loss_sum.item()], self.device)
+        loss = loss_total / (micro_batches_per_step * (step - self.from_step))
+        tokens_per_s = self.tokens / (time.perf_counter() - self.start)
+        self.reset(step)
+        return loss, tokens_per_s
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, world: World):
         self.cfg, self.world = cfg, world
@@ -142,6 +178,7 @@ class Trainer:
         self.stop_signal: Optional[str] = None
         self._grad_norm: Optional[float] = None
         self.step, self.tokens = 0, 0
+        self.window = LogWindow(world.device, 0)
         self.checkpointer = Checkpointer(self.out / "checkpoints", world, cfg.checkpoint.keep_last)
         resume = self._resume_plan()
         if world.is_main:  # what a killed run left half-written (we hold out_dir's lock)
@@ -150,7 +187,7 @@ class Trainer:
         self.checkpointer.remove_incomplete()
 
         # Model: fresh from seed.init, or weights of an export (init.from, or an export to resume from).
-        weights_from = resume[1] if resume[0] == "export" else cfg.init.from_
+        weights_from = resume.path if resume.kind == "export" else cfg.init.from_
         if weights_from:
             model_cfg, weights = load_hf(Path(weights_from))
             cfg.model = model_cfg
@@ -168,11 +205,7 @@ class Trainer:
         self.loader = TrainLoader(TokenWindows(Path(cfg.data.dir), "train", block), cfg.train.micro_batch,
                                   seed=cfg.seed.data, rank=world.rank, world_size=world.world_size)
         val = ValidationSet(TokenWindows(Path(cfg.data.dir), "val", block), cfg.data.val_windows or None)
-        # The windows are fixed, so this rank's batches are read once; every rank runs the same number
-        # of forward passes (ZeRO-3 gathers parameters collectively), padding with an uncounted batch.
-        self.val_batches = list(val.batches(cfg.data.eval_batch_size, world.rank, world.world_size))
-        self.val_forward_passes = math.ceil(math.ceil(len(val) / world.world_size) / cfg.data.eval_batch_size)
-        self.val_padding = val.windows.batch(val.indices[:1])
+        self.validation = val.for_rank(cfg.data.eval_batch_size, world.rank, world.world_size)
         # Randomness during training (dropout) is per rank, from seed.data; the init is seed.init alone.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed.data, world.rank]).generate_state(1)[0]))
 
@@ -183,10 +216,9 @@ class Trainer:
             print(describe_routing(self.optimizer), flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world.world_size))
-        if isinstance(self.model, PathPoint) and cfg.deepspeed.zero_stage == 3:
-            self.model.use_zero3_partitions()
-        if hasattr(self.optimizer, "attach"):  # Muon: where its matrices lie in ZeRO's partitions
-            self.optimizer.attach(self.engine, self.model)
+        for part in (self.model, self.optimizer):
+            if isinstance(part, EngineAttached):
+                part.attach(self.engine, self.model)
         if cfg.train.compile:
             self.engine.compile()
 
@@ -196,25 +228,24 @@ class Trainer:
 
     # --- starting and resuming ------------------------------------------------------------------
 
-    def _resume_plan(self) -> tuple[str, Optional[str]]:
-        """("fresh", None), ("checkpoint", tag dir) or ("export", export dir)."""
+    def _resume_plan(self) -> ResumePlan:
         cfg = self.cfg
         if cfg.resume == "none":
             if self.checkpointer.complete_tags() or (self.out / "final").exists():
                 raise ModeconnError(f"{self.out} already holds a run; continue it with --resume=auto, or choose "
                                     f"another out_dir (nothing there is overwritten)")
-            return "fresh", None
+            return ResumePlan("fresh")
         if cfg.resume == "auto":
             tag = self.checkpointer.resume_point()
-            return ("checkpoint", str(self.checkpointer.root / tag)) if tag else ("fresh", None)
+            return ResumePlan("checkpoint", self.checkpointer.root / tag) if tag else ResumePlan("fresh")
         path = Path(cfg.resume)
         if (path / COMPLETE).is_file():
             problem = Checkpointer(path.parent, self.world, cfg.checkpoint.keep_last).damage(path.name)
             if problem:
                 raise CheckpointError(f"--resume={cfg.resume}: the checkpoint is damaged ({problem})")
-            return "checkpoint", str(path)
+            return ResumePlan("checkpoint", path)
         if (path / TRAINER_STATE / "state.json").is_file():
-            return "export", str(path)
+            return ResumePlan("export", path)
         if (path / "config.json").is_file():
             raise CheckpointError(f"--resume={cfg.resume} is a weights-only export (no {TRAINER_STATE}/): start from "
                                   f"its weights with a fresh optimizer by --init.from={cfg.resume}, or export with "
@@ -222,25 +253,25 @@ class Trainer:
         raise CheckpointError(f"--resume={cfg.resume}: neither a complete checkpoint (no {COMPLETE}) nor an export "
                               f"with {TRAINER_STATE}/; use auto, none, out_dir/checkpoints/step_N or an export")
 
-    def _restore(self, resume: tuple[str, Optional[str]]) -> None:
-        kind, where = resume
-        if kind == "fresh":
+    def _restore(self, resume: ResumePlan) -> None:
+        where = resume.path
+        if resume.kind == "fresh":
             return
-        if kind == "checkpoint":
-            path = Path(where)
-            client, loader_state = Checkpointer(path.parent, self.world, self.cfg.checkpoint.keep_last).load(
-                self.engine, path.name, config_lib.to_dict(self.cfg.model))
+        if resume.kind == "checkpoint":
+            client, loader_state = Checkpointer(where.parent, self.world, self.cfg.checkpoint.keep_last).load(
+                self.engine, where.name, config_lib.to_dict(self.cfg.model))
         else:
-            client, tensors = read_trainer_state(Path(where))
+            client, tensors = read_trainer_state(where)
             if client["optimizer"] != self.cfg.optim.name:
                 raise CheckpointError(f"{where} holds {client['optimizer']} state; this run uses {self.cfg.optim.name}")
             load_optimizer_state(self.engine, self.model, tensors, self._state_keys(), client["step"],
                                  str(where))
             loader_state = client["loader"]
         self.step, self.tokens = client["step"], client["tokens"]
+        self.window.reset(self.step)
         self.loader.load_state_dict(loader_state)
-        if isinstance(self.model, PathPoint):  # the draws of t continue where they stopped
-            self.model.draws = self.step * self.cfg.train.grad_accum
+        if isinstance(self.model, PathPoint):
+            self.model.resume_at(self.step, self.cfg.train.grad_accum)
         if self.world.is_main:
             print(f"resumed from {where} at step {self.step} ({self.tokens:,} tokens seen)", flush=True)
 
@@ -263,58 +294,66 @@ class Trainer:
         self._install_signal_handlers()
         if self.world.is_main:
             self._print_start()
-        last_val: dict = {}
-        window_start, window_tokens = time.perf_counter(), 0
-        run_start, start_step = time.perf_counter(), self.step
-        last_log_step = self.step
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)  # no host sync per micro-step
         self.engine.train()
         if cfg.checkpoint.export_init and self.step == 0:  # one already there from a killed start is reused
             self.export(self.out / "exports" / tag_for(0), {}, with_optimizer=False)
         if self.world.is_main:  # after the init export: a run refused there writes nothing
             self._save_config()
+        self.run_start, self.start_step, last_val = time.perf_counter(), self.step, {}
+        self.window.reset(self.step)
         while self.step < total:
-            if any_rank(self.stop_signal is not None, self.world.device):
-                return self._stop(last_val, f"received {self.stop_signal or 'a stop signal on another rank'}")
-            if cfg.train.stop_at_step is not None and self.step >= cfg.train.stop_at_step:
-                return self._stop(last_val, f"reached train.stop_at_step={cfg.train.stop_at_step}")
-            lr_scale = lr_multiplier(cfg.schedule, self.step, total)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_scale
-            will_log = self._logs_at(self.step + 1)
-            for _ in range(cfg.train.grad_accum):
-                x, y = self.loader.next_batch()
-                _, loss = self.engine(x.to(self.world.device), y.to(self.world.device))
-                self.engine.backward(loss)
-                if will_log and self.engine.is_gradient_accumulation_boundary():
-                    self._grad_norm = self._plain_grad_norm()
-                self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
-                loss_sum += loss.detach().double()
-            self.step += 1
-            self.tokens += self.tokens_per_step
-            window_tokens += self.tokens_per_step
-
+            stop = self._stop_reason()
+            if stop:
+                return self._stop(last_val, stop)
+            lr_scale = self.train_step()
             if self._logs_at(self.step):  # also before every checkpoint: a non-finite loss is never saved
-                loss_total, = all_reduce_sum([loss_sum.item()], self.world.device)
-                micro_batches = self.world.world_size * cfg.train.grad_accum * (self.step - last_log_step)
-                train_loss = loss_total / micro_batches
-                if not math.isfinite(train_loss):
-                    raise ModeconnError(f"training loss is {train_loss} at step {self.step}; stopping without "
-                                        f"saving (the last checkpoint is intact). Lower optim.lr or check the data")
-                elapsed = time.perf_counter() - window_start
-                self._log_train(train_loss, lr_scale, window_tokens / elapsed, run_start, start_step)
-                loss_sum.zero_()
-                last_log_step = self.step
-                window_start, window_tokens = time.perf_counter(), 0
-
+                self._log_train(lr_scale)
             if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or self.step == total:
-                last_val = self.evaluate()
-                self.logger.log("val", self.step, last_val, f"step {self.step:>6} | val loss {last_val['loss']:.4f} "
-                                f"| val token error {last_val['token_error']:.4f}")
+                last_val = self._validate()
             if self._checkpoints_at(self.step):
                 self.save_checkpoint()
             if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0 and self.step != total:
                 self.export(self.out / "exports" / tag_for(self.step), last_val, with_optimizer=False)
+        return self._finish(last_val)
+
+    def train_step(self) -> float:
+        """One optimizer step: the schedule's lr, grad_accum micro-batches, DeepSpeed's step at the
+        accumulation boundary; returns the lr multiplier."""
+        cfg = self.cfg
+        lr_scale = lr_multiplier(cfg.schedule, self.step, cfg.train.steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale
+        will_log = self._logs_at(self.step + 1)
+        for _ in range(cfg.train.grad_accum):
+            x, y = self.loader.next_batch()
+            _, loss = self.engine(x.to(self.world.device), y.to(self.world.device))
+            self.engine.backward(loss)
+            if will_log and self.engine.is_gradient_accumulation_boundary():
+                self._grad_norm = self._plain_grad_norm()
+            self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+            self.window.loss_sum += loss.detach().double()
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.window.tokens += self.tokens_per_step
+        return lr_scale
+
+    def _stop_reason(self) -> Optional[str]:
+        """Why to stop before the next step (a signal on any rank, train.stop_at_step), or None."""
+        if any_rank(self.stop_signal is not None, self.world.device):
+            return f"received {self.stop_signal or 'a stop signal on another rank'}"
+        stop_at = self.cfg.train.stop_at_step
+        if stop_at is not None and self.step >= stop_at:
+            return f"reached train.stop_at_step={stop_at}"
+        return None
+
+    def _validate(self) -> dict:
+        val = self.evaluate()
+        self.logger.log("val", self.step, val, f"step {self.step:>6} | val loss {val['loss']:.4f} "
+                        f"| val token error {val['token_error']:.4f}")
+        return val
+
+    def _finish(self, last_val: dict) -> dict:
+        """The final export (unless this step's is there already), then the run's result."""
         final = self.out / "final"
         if exported_step(final) != self.step:  # absent, or from an earlier end (a run extended since)
             if not last_val:
@@ -331,8 +370,12 @@ class Trainer:
     def _logs_at(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or self._checkpoints_at(step)
 
-    def _log_train(self, loss: float, lr_scale: float, tokens_per_s: float, run_start: float, start_step: int):
+    def _log_train(self, lr_scale: float) -> None:
         total = self.cfg.train.steps
+        loss, tokens_per_s = self.window.close(self.step, self.world.world_size * self.cfg.train.grad_accum)
+        if not math.isfinite(loss):
+            raise ModeconnError(f"training loss is {loss} at step {self.step}; stopping without saving (the last "
+                                f"checkpoint is intact). Lower optim.lr or check the data")
         values = {"loss": loss, "lr": self.cfg.optim.lr * lr_scale, "tokens": self.tokens,
                   "tokens_per_s": tokens_per_s}
         grad_norm = self.engine.get_global_grad_norm()
@@ -343,7 +386,7 @@ class Trainer:
         mfu = self._mfu(tokens_per_s)
         if mfu is not None:
             values["mfu"] = mfu
-        rate = (self.step - start_step) / (time.perf_counter() - run_start)
+        rate = (self.step - self.start_step) / (time.perf_counter() - self.run_start)
         line = (f"step {self.step:>6}/{total} | loss {loss:.4f} | lr {values['lr']:.2e}"
                 + (f" | grad norm {values['grad_norm']:.3f}" if "grad_norm" in values else "")
                 + f" | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
@@ -378,9 +421,7 @@ class Trainer:
         """Validation over the fixed windows, split over ranks, summed over ranks."""
         self.engine.eval()
         sums = []
-        for i in range(self.val_forward_passes):
-            counted = i < len(self.val_batches)
-            x, y = self.val_batches[i] if counted else self.val_padding
+        for (x, y), counted in self.validation.passes():
             logits, _ = self.engine(x.to(self.world.device))
             if counted:
                 sums.append(batch_sums(logits, y))

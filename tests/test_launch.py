@@ -12,6 +12,7 @@ from modeconn.evaluate import EvaluateConfig
 from modeconn.probe import ProbeConfig
 from modeconn.theory.experiments import TheoryConfig
 from modeconn.train import TrainConfig
+from distributed import free_port
 from train_runner import env, losses
 
 CONFIG_KINDS = {"train": TrainConfig, "data": PrepareConfig, "eval": EvaluateConfig, "probe": ProbeConfig,
@@ -32,6 +33,24 @@ def test_shipped_configs_load(path):
 @pytest.mark.parametrize("script", sorted((ROOT / "launch").glob("*.s*")), ids=lambda p: p.name)
 def test_launch_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_the_one_node_launch_scripts_run_the_same_job(shakespeare, tmp_path):
+    """launch/torchrun.sh and launch/local_2rank.sh (the deepspeed launcher) each start a 2-rank
+    ZeRO-2 run; both launchers give the ranks the same job: the same losses, bit for bit."""
+    results = {}
+    for script in ("torchrun.sh", "local_2rank.sh"):
+        out = tmp_path / script
+        proc = subprocess.run(
+            ["bash", f"launch/{script}", "--config", "configs/train/tiny-adamw.yaml", f"--data.dir={shakespeare}",
+             f"--out_dir={out}", "--train.steps=3", "--train.micro_batch=2", "--train.log_every=1",
+             "--deepspeed.zero_stage=2", "--data.val_windows=4", "--data.eval_batch_size=2"],
+            cwd=ROOT, env=env(NPROC_PER_NODE=2, MASTER_PORT=free_port()), capture_output=True, text=True,
+            timeout=300)
+        assert proc.returncode == 0, script + proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert json.loads((out / "final" / "modeconn_meta.json").read_text())["world_size"] == 2
+        results[script] = losses(out)
+    assert len(results["torchrun.sh"]) == 3 and results["torchrun.sh"] == results["local_2rank.sh"]
 
 
 def test_two_node_launch_on_loopback(shakespeare, tmp_path):

@@ -154,7 +154,8 @@ def four_runs(root):
 
 
 def test_pairing_rules_on_four_runs_in_two_groups(tmp_path):
-    from modeconn.probe import ProbeConfig, ProbeFiles
+    from modeconn.probe import ProbeConfig
+    from modeconn.probe_store import ProbeFiles
     from modeconn.probe_plan import build_plan
 
     runs = four_runs(tmp_path)
@@ -208,7 +209,7 @@ def test_each_checkpoint_is_evaluated_once_and_its_rows_are_the_per_path_ones(se
     a, b = runs["adamw0"], runs["muon1"]
     per_path = Measurement(("point", "adamw0--muon1", 0.0), (a, b), ((0, 1.0), (1, 0.0)), True)
     item = next(i for i in prober.plan.items if i.key == ("adamw0--muon1", 0.0))
-    (row,) = prober.assemble(per_path, [item], [prober.measure(per_path)])
+    (row,), _ = prober.evaluator.assemble(per_path, [item], [prober.evaluator.measure(per_path)])
     assert (row["loss"], row["token_error"], row["spectra"]) == at_checkpoint[a]
     # a rerun finds everything done and evaluates nothing
     assert Prober(cfg, World(0, 1, 0, torch.device("cpu"))).run()["evaluations"] == 0

@@ -11,6 +11,8 @@ whatever the number of ranks, which makes multi-rank runs comparable with one-pr
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -111,3 +113,23 @@ class ValidationSet:
         mine = self.indices[rank::world_size]
         for i in range(0, len(mine), batch_size):
             yield self.windows.batch(mine[i: i + batch_size])
+
+    def for_rank(self, batch_size: int, rank: int, world_size: int) -> RankValidation:
+        """This rank's batches, read once (the windows are fixed), padded to every rank's count."""
+        passes = math.ceil(math.ceil(len(self) / world_size) / batch_size)
+        return RankValidation(list(self.batches(batch_size, rank, world_size)), passes,
+                              self.windows.batch(self.indices[:1]))
+
+
+@dataclass
+class RankValidation:
+    """One rank's validation batches. Every rank runs the same number of forward passes (ZeRO-3
+    gathers parameters collectively), the ones beyond its own batches on an uncounted `padding`."""
+    batches: list[Batch]
+    forward_passes: int
+    padding: Batch
+
+    def passes(self) -> Iterator[tuple[Batch, bool]]:
+        """(batch, counted) for each forward pass this rank runs."""
+        for i in range(self.forward_passes):
+            yield (self.batches[i], True) if i < len(self.batches) else (self.padding, False)

@@ -23,19 +23,10 @@ from pathlib import Path
 from modeconn.atomic import atomic_write_text
 from modeconn.experiment.plan import Plan
 from modeconn.hf import read_meta
+from modeconn.probe_store import read_rows
 from modeconn.verdicts import verdict
 
 KINDS = ("linear", "aligned", "chain")  # the table's three barriers per pair of optimizers
-
-
-def _read_rows(results: Path) -> list[dict]:
-    rows = []
-    for line in results.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def _summary(path: Path) -> dict[str, dict]:
@@ -92,7 +83,7 @@ class Report:
         folder = self.plan.probe_dir(dataset)
         summary = _summary(folder / "summary.csv")
         rows: dict[str, list[dict]] = {}
-        for r in _read_rows(folder / "results.jsonl"):
+        for r in read_rows(folder / "results.jsonl"):
             if "t" in r:
                 rows.setdefault(r["path"], []).append(r)
         return summary, {k: sorted(v, key=lambda r: r["t"]) for k, v in rows.items()}
@@ -307,7 +298,7 @@ class Report:
         data, files = results["datasets"][dataset], {}
         folder = self.plan.probe_dir(dataset)
         rows = {}
-        for r in _read_rows(folder / "results.jsonl"):
+        for r in read_rows(folder / "results.jsonl"):
             if "t" in r and "spectra" in r:
                 rows.setdefault(r["path"], []).append(r)
         bands = self._bands(dataset, results)
