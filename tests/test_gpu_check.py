@@ -20,9 +20,11 @@ def test_gpu_check_cpu_smoke_writes_every_section(shakespeare, tmp_path):
     assert result["smoke"] is True and result["errors"] == {}, result["errors"]
     assert {"environment", "micro_batch", "train", "ns_error", "probe", "resume", "finished"} <= set(result)
     runs = result["train"]
-    for name in ("adamw_compile_off", "adamw_compile_on", "muon_bf16_standard", "muon_fp16_gram"):
+    for name in ("adamw_compile_off", "muon_bf16_standard", "muon_fp16_gram"):
         assert runs[name]["tokens_per_s"] > 0 and runs[name]["step_seconds"] > 0, name
-    assert {"overhead_over_adamw"} <= set(runs["muon_bf16_standard"]) and "compile_speedup" in runs
+    assert "skipped" in runs["adamw_compile_on"]  # compile is a GPU figure
+    for name in ("muon_bf16_standard", "muon_fp16_gram"):  # against AdamW at the same settings
+        assert runs[name]["overhead_over_adamw"] > -1
     ns = result["ns_error"]
     # tiny: 2 layers x (q, k, v, attention proj, fc, mlp proj); fp32 NS is the polynomial to rounding
     assert ns["matrices"] == 12 and ns["fp32_standard"]["max"] < 1e-4
