@@ -48,12 +48,16 @@ def group_statistics(table: list[dict]) -> list[dict]:
         entries = [e for e in table if e["group"] == group and "loss_barrier" in e]
         for quantity in GROUP_QUANTITIES:
             values = [e[quantity] for e in entries if isinstance(e.get(quantity), float) and math.isfinite(e[quantity])]
-            if not values:
-                continue
-            out.append({"group": group, "quantity": quantity, "n": len(values), "mean": statistics.fmean(values),
-                        "std": statistics.stdev(values) if len(values) > 1 else None,
-                        "min": min(values), "max": max(values)})
+            if values:
+                out.append({"group": group, "quantity": quantity, **describe(values)})
     return out
+
+
+def describe(values: list[float]) -> dict:
+    """n, mean, std (sample, n − 1; None for n = 1), min and max; None where there are no values."""
+    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values) if values else None, "max": max(values) if values else None}
 
 
 def write_csv(target: Path, rows: list[dict], fields: Iterable[str] | None = None) -> None:

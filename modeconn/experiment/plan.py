@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from modeconn import config as config_lib
+from modeconn.data.prepare import PrepareConfig
 from modeconn.experiment.spec import ExperimentSpec, overrides_of
 
 STAGES = ("prepare", "train", "align", "fit", "probe", "report")
@@ -75,6 +76,9 @@ class Plan:
     def __init__(self, spec: ExperimentSpec, spec_path: str, python: str = sys.executable):
         self.spec, self.spec_path, self.python = spec, spec_path, python
         self.out = spec.out
+        # where prepare.py puts each dataset's tokens: its config read once, not per command
+        self._data_dirs = {name: Path(config_lib.load(PrepareConfig, d.prepare).out_dir)
+                           for name, d in spec.datasets.items()}
         self.runs = self._runs()
         self.pairs = self._pairs()
 
@@ -107,9 +111,7 @@ class Plan:
     # --- where things go ----------------------------------------------------------------------------
 
     def data_dir(self, dataset: str) -> Path:
-        from modeconn.data.prepare import PrepareConfig
-
-        return Path(config_lib.load(PrepareConfig, self.spec.datasets[dataset].prepare).out_dir)
+        return self._data_dirs[dataset]
 
     def run_dir(self, run: Run) -> Path:
         return self.out / "runs" / run.dataset / run.name

@@ -24,6 +24,7 @@ from modeconn.atomic import atomic_write_text
 from modeconn.experiment.plan import Plan
 from modeconn.hf import read_meta
 from modeconn.probe_store import read_rows
+from modeconn.probe_summary import describe
 from modeconn.verdicts import verdict
 
 KINDS = ("linear", "aligned", "chain")  # the table's three barriers per pair of optimizers
@@ -32,12 +33,6 @@ KINDS = ("linear", "aligned", "chain")  # the table's three barriers per pair of
 def _summary(path: Path) -> dict[str, dict]:
     with open(path, newline="") as f:
         return {r["path"]: r for r in csv.DictReader(f)}
-
-
-def _stat(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values) if values else None, "max": max(values) if values else None}
 
 
 def _cell(stat: dict) -> str:
@@ -77,6 +72,7 @@ class Report:
         self.plan, self.spec = plan, plan.spec
         self.thresholds = self.spec.report.thresholds
         self.highlight = self.spec.report.highlight
+        self.rows: dict[str, dict[str, list[dict]]] = {}  # dataset -> path -> its rows by t (read once, in build)
 
     def _path_data(self, dataset: str) -> tuple[dict[str, dict], dict[str, list[dict]]]:
         """summary.csv by path name; each path's rows sorted by t."""
@@ -86,7 +82,8 @@ class Report:
         for r in read_rows(folder / "results.jsonl"):
             if "t" in r:
                 rows.setdefault(r["path"], []).append(r)
-        return summary, {k: sorted(v, key=lambda r: r["t"]) for k, v in rows.items()}
+        self.rows[dataset] = {k: sorted(v, key=lambda r: r["t"]) for k, v in rows.items()}  # the figures' too
+        return summary, self.rows[dataset]
 
     def build(self) -> dict:
         spec, plan = self.spec, self.plan
@@ -105,7 +102,7 @@ class Report:
                                    ("chain", f"{pair.name}:chain")):
                     if name in summary and summary[name].get("loss_barrier"):
                         column[kind].append(float(summary[name]["loss_barrier"]))
-            table = {col: {kind: _stat(v) for kind, v in by_kind.items()} for col, by_kind in columns.items()}
+            table = {col: {kind: describe(v) for kind, v in by_kind.items()} for col, by_kind in columns.items()}
             ranks = {name: [r["spectra"][self.highlight]["stable_rank"] for r in path_rows]
                      for name, path_rows in rows.items() if path_rows and "spectra" in path_rows[0]}
             results["datasets"][dataset] = {
@@ -296,11 +293,6 @@ class Report:
         import matplotlib.pyplot as plt
 
         data, files = results["datasets"][dataset], {}
-        folder = self.plan.probe_dir(dataset)
-        rows = {}
-        for r in read_rows(folder / "results.jsonl"):
-            if "t" in r and "spectra" in r:
-                rows.setdefault(r["path"], []).append(r)
         bands = self._bands(dataset, results)
         cross = [p for p in self.plan.pairs if p.dataset == dataset and p.kind == "cross"]
         same = [p for p in self.plan.pairs if p.dataset == dataset and p.kind != "cross"]
@@ -309,7 +301,7 @@ class Report:
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
         for ax, (title, pairs) in zip(axes, groups):
             for pair in pairs:
-                path_rows = sorted(rows.get(pair.name, []), key=lambda r: r["t"])
+                path_rows = [r for r in self.rows[dataset].get(pair.name, []) if "spectra" in r]
                 if not path_rows:
                     continue
                 ts = [r["t"] for r in path_rows]
