@@ -1,40 +1,49 @@
-"""Optimizer step time and memory per rank: our distributed Muon vs DeepSpeed's built-in Muon
-(`"optimizer": {"type": "Muon"}`) vs AdamW, side by side in one run.
+"""Optimizer step time, traffic and memory per rank: our distributed Muon vs DeepSpeed's built-in Muon
+(`"optimizer": {"type": "Muon"}`) vs AdamW, side by side in one run, at ZeRO 1-3 and any number of ranks.
 
-    python benchmarks/muon_step.py [--preset paper-small] [--stages 1 2] [--ranks 2] [--steps 15] [--rounds 2]
-                                   [--optimizers NAME ...]
+    python benchmarks/muon_step.py [--preset paper-small] [--stages 1 2 3] [--ranks 2 4 8] [--steps 15]
+                                   [--rounds 2] [--ns-repeats 3] [--optimizers NAME ...]
 
-Each (stage, optimizer) runs in its own group of gloo CPU processes (one thread each, fp32
-weights), so each peak RSS is that configuration's own. Per rank and step we time the forward +
-backward and `engine.step()` separately: DeepSpeed's Muon does its momentum and Newton–Schulz
-while it reduces gradients, at the end of backward (its gradient-partition epilogue, at ZeRO-1 and
-2 alike in DeepSpeed 0.19), so the sum of both, `train_step_s`, is the fair comparison;
-`engine_step_s` is reported next to it. The default micro-batch is small (2 x 64 tokens) so that
-the optimizer, not the 50257-way head, dominates the step: a step's optimizer work is the same at
-any batch size.
+Each (ranks, stage, optimizer) runs in its own group of gloo CPU processes (one thread each, fp32
+weights), so each peak RSS is that configuration's own. Configurations: see OPTIMIZERS. At ZeRO-3
+DeepSpeed's Muon refuses `reduce_scatter`, so it runs with `"reduce_scatter": false` (whole
+gradient buckets all-reduced); AdamW runs both ways (`adamw`, `adamw_allreduce`) to show the price
+of that setting, and ours runs both ways too (`ours_muon`, `ours_muon_allreduce`).
 
-Timing on a shared machine: every step starts at a barrier, so a step takes as long as its slowest
+Deterministic figures, the same on any machine (benchmarks/step_counters.py):
+- bytes sent and received per rank per step, counted by wrapping torch.distributed's collectives
+  (the volumes of the bandwidth-optimal algorithms); `extra_bytes_per_step` is a configuration's
+  bytes beyond `adamw`'s at the same stage, i.e. beyond AdamW in its best configuration;
+- the NS makespan: the multiply-adds of the matrices the busiest rank orthogonalises per step (the
+  shapes recorded at each Muon's NS entry point, counted by torch's FlopCounterMode);
+- memory: Muon state per rank (our momentum; DeepSpeed's momentum plus, at ZeRO-1/2, its staged
+  copy), and the peak transient allocation (torch's profiler, one extra step): the most bytes
+  allocated beyond those live at the start of `engine.step()` (`peak_transient_engine_step_mb`) and
+  of the whole forward + backward + step (`peak_transient_train_step_mb`). At ZeRO-3 both Muons do
+  all their work inside `engine.step()`; at ZeRO-1/2 DeepSpeed's runs at the end of backward, which
+  only the second window sees.
+
+Times: per rank and step the forward + backward and `engine.step()` separately; `train_step_s`, their
+sum, is the fair comparison. Every step starts at a barrier, so a step takes as long as its slowest
 rank; configurations run in `--rounds` interleaved rounds, so that a slow spell of the machine hits
-all of them; each time is reported as the minimum over all timed steps (noise only ever adds time,
-as with `timeit`) and as the median. Ratios use the minimum. Next to the wall times, `*_cpu_s` are
-the CPU seconds of each rank's main thread (torch runs on it, one thread), slowest rank per step,
-minimum over steps: the compute on a step's critical path, without waiting for the other ranks or
-for the machine (steal time is not CPU time), hence usable with more ranks than cores; gloo's
-transfers run on its own threads and are left out of them.
+all of them; each time is the minimum over all timed steps (noise only ever adds time, as with
+`timeit`) and the median. Ratios use the minimum. Next to the wall times, `*_cpu_s` are the CPU
+seconds of each rank's main thread (torch runs on it, one thread), slowest rank per step, minimum
+over steps: the compute on a step's critical path, without waiting for other ranks or for the
+machine, hence usable with more ranks than cores; gloo's transfers run on its own threads and are
+left out of them. `ns_s` is that rank's NS work of one step timed alone (one rank at a time). The
+default micro-batch is small (2 x 64 tokens) so that the optimizer, not the 50257-way head,
+dominates the step: a step's optimizer work is the same at any batch size.
 
 Both Muons get the same routing (block matrices to Muon; embeddings, head, gains and biases to
 AdamW) and the same matrices (c_attn whole, as DeepSpeed sees it): DeepSpeed routes by name
 substrings ("embed", "lm_head"), which would send GPT-2's wte and wpe to Muon, so the benchmark
 registers the embeddings under an extra name containing "embed" (same modules, same computation).
-Each Muon uses its own default Newton–Schulz: ours quintic with 5 steps in fp32 on CPU, DeepSpeed's
-Gram NS in fp16 (what it picks on a CPU with fp16 matmuls). Two pairs then share their arithmetic
-and differ mainly in how the work is distributed: ours with NS in bf16 (its GPU default) against
-DeepSpeed's "standard" quintic NS (bf16), and our Gram form in fp16 (`ns_method: gram`) against
-DeepSpeed's default. `ns_s` is the time of that NS on the matrices the rank orthogonalises, measured
-alone (one rank at a time, best of 3) for the slowest rank, and `ns_share` = ns_s / train_step_s.
-
-Muon state per rank counts the tensors each Muon keeps between steps: our momentum; DeepSpeed's
-momentum plus its staged momentum copy. Prints one JSON object.
+Pairs with the same NS arithmetic (SAME_ARITHMETIC) differ only in how the work is distributed:
+ours in fp32 against DeepSpeed's quintic NS in fp32 (its fallback where the accelerator lacks bf16,
+set here by replacing its `ns_compute_dtype`; the pair a CPU can afford at gpt2 size, since bf16
+and fp16 products are ~100x slower there), ours in bf16 against its "standard" NS (bf16), and our
+Gram form in fp16 against its default. Prints one JSON object.
 """
 
 from __future__ import annotations
