@@ -136,17 +136,16 @@ class CollectiveCounter:
 class CallLog:
     """Records the shape of the first argument of chosen functions while `recording()`: which
     matrices a rank hands to its Newton–Schulz, say. `wrap(module, name)` replaces the module's
-    attribute, so callers that look the function up there at call time go through it."""
+    attribute (the original stays reachable as its `__wrapped__`), so callers that look the
+    function up there at call time go through it."""
 
     def __init__(self):
         self.calls: list[tuple[str, tuple[int, ...]]] = []
-        self.originals: dict[str, Callable] = {}
         self._active = False
 
     def wrap(self, module, name: str) -> None:
         original = getattr(module, name)
         key = f"{module.__name__}.{name}"
-        self.originals[key] = original
 
         @functools.wraps(original)
         def logged(x, *args, **kwargs):

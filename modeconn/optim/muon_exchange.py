@@ -215,9 +215,8 @@ class PartitionExchange:
         if self.travels:
             dist.all_to_all_single(outgoing, incoming, self.send_splits, self.recv_splits, group=self.group)
         del incoming
-        results = outgoing
         out: list[Optional[torch.Tensor]] = [None] * len(self.local)
-        for i, result in zip(self.sent, results.split([p.numel for p in self.sent_pieces])):
+        for i, result in zip(self.sent, outgoing.split([p.numel for p in self.sent_pieces])):
             out[i] = result
         for i, at in self.kept:
             out[i] = owned.narrow(0, at, self.local[i].numel)
