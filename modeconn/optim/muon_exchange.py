@@ -185,31 +185,38 @@ class PartitionExchange:
         Collective over the group: every rank calls it for the same partition."""
         (update,) = updates
         device = update.device
-        send = (torch.cat([update.narrow(0, p.offset, p.numel) for p in self.sent_pieces]).to(dtype) if self.sent
-                else torch.empty(0, dtype=dtype, device=device))
-        recv = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
+        # Three buffers, each used both ways: `outgoing` holds the pieces this rank sends, then their
+        # results; `incoming` the pieces it receives, then what it returns; `owned` its matrices,
+        # orthogonalised in place. So the transient memory is what travels plus what this rank owns.
+        outgoing = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
+        position = 0
+        for p in self.sent_pieces:
+            outgoing.narrow(0, position, p.numel).copy_(update.narrow(0, p.offset, p.numel))
+            position += p.numel
+        incoming = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
         if self.travels:
-            dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=self.group)
-        del send
+            dist.all_to_all_single(incoming, outgoing, self.recv_splits, self.send_splits, group=self.group)
         owned = torch.empty(self.owned_numel, dtype=dtype, device=device)
         position = 0
         for at, numel in self.incoming:
-            owned.narrow(0, at, numel).copy_(recv.narrow(0, position, numel))
+            owned.narrow(0, at, numel).copy_(incoming.narrow(0, position, numel))
             position += numel
         for i, at in self.kept:
             p = self.local[i]
             owned.narrow(0, at, p.numel).copy_(update.narrow(0, p.offset, p.numel))
-        for k, at in self.owned:  # results overwrite their inputs: one owned buffer, not two
+        for k, at in self.owned:
             m = self.matrices[k]
             block = owned.narrow(0, at, m.rows * m.cols).view(m.rows, m.cols)
             block.copy_(ns(block))
-        back = (torch.cat([owned.narrow(0, at, numel) for at, numel in self.incoming]) if self.incoming
-                else torch.empty(0, dtype=dtype, device=device))
-        results = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
+        position = 0
+        for at, numel in self.incoming:  # the results go back in the order their pieces came
+            incoming.narrow(0, position, numel).copy_(owned.narrow(0, at, numel))
+            position += numel
         if self.travels:
-            dist.all_to_all_single(results, back, self.send_splits, self.recv_splits, group=self.group)
+            dist.all_to_all_single(outgoing, incoming, self.send_splits, self.recv_splits, group=self.group)
+        del incoming
         out: list[Optional[torch.Tensor]] = [None] * len(self.local)
-        for i, result in zip(self.sent, results.split([p.numel for p in self.sent_pieces])):
+        for i, result in zip(self.sent, outgoing.split([p.numel for p in self.sent_pieces])):
             out[i] = result
         for i, at in self.kept:
             out[i] = owned.narrow(0, at, self.local[i].numel)
