@@ -155,6 +155,9 @@ class CallLog:
 
         setattr(module, name, logged)
 
+    def reset(self) -> None:
+        self.calls.clear()
+
     @contextlib.contextmanager
     def recording(self):
         self._active = True
@@ -169,7 +172,8 @@ def multiply_adds(fn: Callable, shape: tuple[int, ...], *args, **kwargs) -> int:
     torch's FlopCounterMode (2 flops per multiply-add) on meta tensors: nothing is computed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    fn = getattr(fn, "_torchdynamo_orig_callable", fn)  # a torch.compile'd function: count the eager one
+    # the eager function behind a torch.compile'd one, and behind wrappers such as CallLog's
+    fn = inspect.unwrap(getattr(fn, "_torchdynamo_orig_callable", fn))
     with FlopCounterMode(display=False) as counter:
         fn(torch.empty(shape, device="meta"), *args, **kwargs)
     return counter.get_total_flops() // 2

@@ -131,6 +131,22 @@ def matrix_pieces(matrices: list[MatrixSlice], fragments: list[Fragment]) -> lis
     return pieces
 
 
+def _pack(dst: torch.Tensor, src: torch.Tensor, runs: Iterable[tuple[int, int]]) -> None:
+    """Copy the runs (offset, numel) of `src`, in order, one after another into `dst`."""
+    position = 0
+    for at, numel in runs:
+        dst.narrow(0, position, numel).copy_(src.narrow(0, at, numel))
+        position += numel
+
+
+def _unpack(dst: torch.Tensor, src: torch.Tensor, runs: Iterable[tuple[int, int]]) -> None:
+    """The inverse of `_pack`: consecutive elements of `src` into the runs (offset, numel) of `dst`."""
+    position = 0
+    for at, numel in runs:
+        dst.narrow(0, at, numel).copy_(src.narrow(0, position, numel))
+        position += numel
+
+
 class PartitionExchange:
     """One flat partition's Muon matrices (a ZeRO parameter group, or a ZeRO-3 sub-group), as seen
     from `rank`: what it sends to whom, what it owns, what comes back."""
@@ -189,18 +205,12 @@ class PartitionExchange:
         # results; `incoming` the pieces it receives, then what it returns; `owned` its matrices,
         # orthogonalised in place. So the transient memory is what travels plus what this rank owns.
         outgoing = torch.empty(sum(self.send_splits), dtype=dtype, device=device)
-        position = 0
-        for p in self.sent_pieces:
-            outgoing.narrow(0, position, p.numel).copy_(update.narrow(0, p.offset, p.numel))
-            position += p.numel
+        _pack(outgoing, update, ((p.offset, p.numel) for p in self.sent_pieces))
         incoming = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
         if self.travels:
             dist.all_to_all_single(incoming, outgoing, self.recv_splits, self.send_splits, group=self.group)
         owned = torch.empty(self.owned_numel, dtype=dtype, device=device)
-        position = 0
-        for at, numel in self.incoming:
-            owned.narrow(0, at, numel).copy_(incoming.narrow(0, position, numel))
-            position += numel
+        _unpack(owned, incoming, self.incoming)
         for i, at in self.kept:
             p = self.local[i]
             owned.narrow(0, at, p.numel).copy_(update.narrow(0, p.offset, p.numel))
@@ -208,10 +218,7 @@ class PartitionExchange:
             m = self.matrices[k]
             block = owned.narrow(0, at, m.rows * m.cols).view(m.rows, m.cols)
             block.copy_(ns(block))
-        position = 0
-        for at, numel in self.incoming:  # the results go back in the order their pieces came
-            incoming.narrow(0, position, numel).copy_(owned.narrow(0, at, numel))
-            position += numel
+        _pack(incoming, owned, self.incoming)  # the results go back in the order their pieces came
         if self.travels:
             dist.all_to_all_single(outgoing, incoming, self.send_splits, self.recv_splits, group=self.group)
         del incoming
